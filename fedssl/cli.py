@@ -1,0 +1,230 @@
+"""The command line: ``fedssl run | eval | export | report | bench``.
+
+Every error a user can cause prints one line (``fedssl: error: ...``) that names
+the fix and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedssl.config import METHOD_NAMES, RunConfig, load_toml, make_config
+from fedssl.errors import FedSSLError
+from fedssl.resources import human_bytes, human_flops
+
+EXIT_USER_ERROR = 2
+
+
+class RichObserver:
+    """One progress bar per round: clients done, loss, images/s and bytes sent so far."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self.console = console
+        self.rounds = rounds
+        self.progress = Progress(
+            TextColumn("round {task.fields[round]:>3}/" + str(rounds)), BarColumn(bar_width=24),
+            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[ips]:>6.0f} img/s"), TextColumn("sent {task.fields[sent]}"),
+            TextColumn("{task.fields[knn]}"), TimeElapsedColumn(), console=console)
+        self.task: Any = None
+        self._start = 0.0
+        self._images = 0
+        self._loss: list[float] = []
+        self._sent = 0
+
+    def __enter__(self) -> "RichObserver":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def round_started(self, round_index: int, num_clients: int) -> None:
+        self._start, self._images, self._loss, self._sent = time.perf_counter(), 0, [], 0
+        self.task = self.progress.add_task("", total=num_clients, round=round_index + 1, loss=float("nan"),
+                                           ips=0.0, sent="0 B", knn="")
+
+    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None:
+        self._images += int(metrics.get("images", 0))
+        self._sent += int(metrics.get("bytes_up", 0) + metrics.get("bytes_down", 0))
+        if metrics.get("steps"):
+            self._loss.append(metrics["loss"])
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        loss = sum(self._loss) / len(self._loss) if self._loss else float("nan")
+        self.progress.update(self.task, advance=1, loss=loss, ips=self._images / seconds,
+                             sent=human_bytes(self._sent))
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        knn = f"kNN {100 * row['knn_acc']:.1f}%" if row.get("knn_acc") is not None else ""
+        self.progress.update(self.task, loss=row["loss"], ips=row["images_per_s"],
+                             sent=human_bytes(row["bytes_up"] + row["bytes_down"]), knn=knn)
+
+    def message(self, text: str) -> None:
+        self.console.print(f"[dim]{text}[/dim]")
+
+
+class QuietObserver:
+    """A line per round, for logs and CI."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def round_started(self, round_index: int, num_clients: int) -> None: ...
+    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None: ...
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        knn = f" knn={row['knn_acc']:.4f}" if row.get("knn_acc") is not None else ""
+        self.console.print(f"round {row['round']} loss={row['loss']:.4f} img/s={row['images_per_s']:.0f} "
+                           f"sent={human_bytes(row['bytes_up'] + row['bytes_down'])}{knn}")
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def summary_table(outcome: Any) -> Table:
+    """The short result a person reads at the end of a run."""
+    from fedssl.report import client_cost
+
+    table = Table(title=f"{outcome.run.path}")
+    table.add_column("")
+    table.add_column("random init", justify="right")
+    table.add_column("trained", justify="right")
+    table.add_row("kNN accuracy", _pct(outcome.initial.get("knn_acc")), _pct(outcome.final.get("knn_acc")))
+    table.add_row("linear probe", _pct(outcome.initial.get("probe_acc")), _pct(outcome.final.get("probe_acc")))
+    cost = client_cost(outcome.ledger)
+    if cost is not None:
+        table.add_section()
+        table.add_row("client peak training memory", "", human_bytes(cost.peak_training_bytes))
+        table.add_row("client FLOPs per image (train step)", "", human_flops(cost.flops_per_image))
+        table.add_row("bytes up per client per round", "", human_bytes(cost.mean_up_per_round))
+        table.add_row("bytes down per client per round", "", human_bytes(cost.mean_down_per_round))
+        table.add_row("bytes up+down per client, whole run", "", human_bytes(cost.mean_total_per_client))
+    return table
+
+
+def _default_out(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.method}-{cfg.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.engines.local import resume_run, start_run
+
+    if args.resume and (args.config or args.method or args.set or args.out):
+        raise FedSSLError("--resume continues a run with its own config.toml; drop --config/--method/--set/--out")
+    if args.resume:
+        from fedssl.run_dir import open_run_dir
+
+        _, cfg = open_run_dir(args.resume)
+        path = Path(args.resume)
+    else:
+        base = load_toml(args.config) if args.config else {}
+        cfg = make_config(base, args.set or [], method=args.method)
+        path = Path(args.out) if args.out else _default_out(cfg)
+    console.print(f"[bold]fedssl[/bold] {cfg.method} on {cfg.dataset}: {cfg.clients} clients "
+                  f"({cfg.partition}), {cfg.rounds} rounds -> {path}")
+    if args.quiet or not console.is_terminal:
+        observer: Any = QuietObserver(console)
+        outcome = resume_run(path, observer=observer) if args.resume else start_run(cfg, path, observer=observer)
+    else:
+        with RichObserver(console, cfg.rounds) as observer:
+            outcome = resume_run(path, observer=observer) if args.resume else start_run(cfg, path, observer=observer)
+    console.print(summary_table(outcome))
+    console.print(f"report: {outcome.run.report}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.engines.local import evaluate_run
+
+    result = evaluate_run(args.run_dir, probe=not args.no_probe)
+    console.print_json(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.engines.local import export_run
+
+    shape = export_run(args.run_dir, args.out)
+    console.print(f"wrote {args.out}: TorchScript, input {shape} float in [0, 1] -> features; "
+                  "load with torch.jit.load")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.report import regenerate_report
+
+    console.print(f"wrote {regenerate_report(args.run_dir)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.bench import run_overhead_benchmark
+
+    run_overhead_benchmark(console, data_dir=args.data_dir, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedssl", description="Federated self-supervised pre-training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a (new or resumed) federated pre-training")
+    run.add_argument("--config", help="a TOML preset, e.g. configs/cifar10/fedmoco.toml")
+    run.add_argument("--method", help=f"one of {', '.join(METHOD_NAMES)}")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--out", help="run directory to create (default runs/<method>-<dataset>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="one line per round instead of progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="kNN and linear probe of a run's final encoder")
+    ev.add_argument("run_dir")
+    ev.add_argument("--no-probe", action="store_true", help="kNN only")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write the final encoder as a TorchScript module")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="file to write, e.g. encoder.pt")
+    ex.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
+    bench.add_argument("name", choices=["overhead"], help="overhead: centralized vs federated images/s and memory")
+    bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
+    bench.add_argument("--steps", type=int, default=20, help="training steps timed per setting")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except FedSSLError as err:
+        print(f"fedssl: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedssl: interrupted; continue with fedssl run --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

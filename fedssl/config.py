@@ -1,0 +1,294 @@
+"""Typed, frozen run configuration: the one home of every default.
+
+A config is built from (in order) the dataclass defaults, an optional TOML
+preset, and ``--set key=value`` overrides with dotted keys (``model.width=32``).
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` with a
+message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedssl.errors import ConfigError
+
+METHOD_NAMES = ("fedmoco", "fedmocov3", "fedsimclr", "fedbyol", "centralized")
+OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
+DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
+PARTITION_NAMES = ("iid", "dirichlet", "pathological", "shards")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone. ResNet: CIFAR stem, ``blocks_per_stage`` BasicBlocks of widths width*(1,2,4,8)."""
+
+    arch: str = "resnet"  # resnet | vit
+    width: int = 16  # ResNet base width (64 = ResNet-18) or ViT embedding width
+    blocks_per_stage: tuple[int, ...] = (1, 1, 1, 1)  # (2, 2, 2, 2) = ResNet-18
+    norm: str = "group"  # group (weight-standardised conv + GroupNorm) | batch
+    stem: str = "cifar"  # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
+    patch_size: int = 4  # ViT
+    depth: int = 6  # ViT blocks
+    heads: int = 3  # ViT
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """The self-supervised objective and its heads."""
+
+    objective: str = "mocov2"  # used by `centralized`; the fed* methods fix their own
+    temperature: float = 0.2
+    queue_size: int = 1024  # MoCo v2 negatives kept by a client during its local training
+    in_batch_negatives: bool = True  # MoCo v2: also use the other keys of the batch as negatives
+    momentum: float = 0.99  # EMA of the momentum / target branch
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    augment: str = "mocov2"  # mocov2 | simclr | byol (kornia, batched)
+    exchange_momentum: bool = False  # False: momentum branch re-copied from the online net each round, never sent
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Frozen-encoder evaluation: weighted kNN and a linear probe, on the FINAL encoder."""
+
+    knn_k: int = 200
+    knn_t: float = 0.1
+    every: int = 1  # kNN monitor every N rounds (0 = only at the end)
+    probe: bool = True
+    probe_epochs: int = 100
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole experiment: method, data, federation, local training, evaluation."""
+
+    method: str = "fedmoco"
+    # data
+    dataset: str = "cifar10"
+    data_dir: str = ""  # "" = $FEDSSL_DATA_DIR or ~/.cache/fedssl/data (downloads there)
+    image_size: int = 0  # 0 = the dataset's native size
+    download: bool = True
+    # federation
+    clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    rounds: int = 10
+    sample_fraction: float = 1.0
+    # local training
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: a fixed number of steps per round instead of epochs
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.06
+    sgd_momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine (over rounds) | constant
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # 0 = leave torch's default
+    checkpoint_every: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigError for a value out of range; return cfg unchanged otherwise."""
+    _one_of(cfg.method, METHOD_NAMES, "method")
+    _one_of(cfg.dataset, DATASET_NAMES, "dataset")
+    _one_of(cfg.partition, PARTITION_NAMES, "partition")
+    _one_of(cfg.optimizer, ("sgd", "adamw"), "optimizer")
+    _one_of(cfg.lr_schedule, ("cosine", "constant"), "lr_schedule")
+    _one_of(cfg.model.arch, ("resnet", "vit"), "model.arch")
+    _one_of(cfg.model.norm, ("group", "batch"), "model.norm")
+    _one_of(cfg.model.stem, ("cifar", "imagenet"), "model.stem")
+    _one_of(cfg.ssl.objective, OBJECTIVES, "ssl.objective")
+    _one_of(cfg.ssl.augment, ("mocov2", "simclr", "byol"), "ssl.augment")
+    _check(2 <= cfg.clients <= 10_000 or cfg.method == "centralized", "clients",
+           f"{cfg.clients} is out of range; use 2 to 10000 clients")
+    _check(cfg.alpha > 0, "alpha", f"{cfg.alpha} must be > 0 (smaller = more non-IID)")
+    _check(cfg.classes_per_client >= 1, "classes_per_client", "must be >= 1")
+    _check(cfg.shards_per_client >= 1, "shards_per_client", "must be >= 1")
+    _check(cfg.rounds >= 1, "rounds", "must be >= 1")
+    _check(0 < cfg.sample_fraction <= 1, "sample_fraction", f"{cfg.sample_fraction} must be in (0, 1]")
+    _check(cfg.local_epochs >= 1, "local_epochs", "must be >= 1")
+    _check(cfg.local_steps >= 0, "local_steps", "must be >= 0 (0 = use local_epochs)")
+    _check(cfg.batch_size >= 2, "batch_size", "must be >= 2 (two views need a pair)")
+    _check(cfg.lr > 0, "lr", "must be > 0")
+    _check(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    _check(0 <= cfg.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
+    _check(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = native size)")
+    _check(cfg.threads >= 0, "threads", "must be >= 0")
+    _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "use cpu or cuda[:N]")
+    _check(cfg.model.width >= 1, "model.width", "must be >= 1")
+    _check(len(cfg.model.blocks_per_stage) >= 1 and min(cfg.model.blocks_per_stage) >= 1,
+           "model.blocks_per_stage", "needs one or more stages of >= 1 block, e.g. [2, 2, 2, 2]")
+    _check(cfg.model.depth >= 1 and cfg.model.heads >= 1 and cfg.model.patch_size >= 1,
+           "model", "ViT depth, heads and patch_size must be >= 1")
+    _check(cfg.ssl.temperature > 0, "ssl.temperature", "must be > 0")
+    _check(cfg.ssl.queue_size >= 0, "ssl.queue_size", "must be >= 0")
+    _check(0 <= cfg.ssl.momentum <= 1, "ssl.momentum", "must be in [0, 1]")
+    _check(cfg.ssl.proj_hidden >= 1 and cfg.ssl.proj_dim >= 1, "ssl", "projection sizes must be >= 1")
+    _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _check(cfg.eval.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
+    return cfg
+
+
+# ---------------------------------------------------------------- building
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML / --set value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        _check(False, key, f"expects true or false, got {value!r}")
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expects an integer, got {value!r}")
+        return value
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expects a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, str), key, f"expects a string, got {value!r}")
+        return value
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, f"expects a list such as [2, 2, 2, 2], got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional fields yet
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name in values:
+        if name not in known:
+            where = f"section [{prefix.rstrip('.')}]" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix}{name}' in {where}; valid keys: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        hint = hints[f.name]
+        key = prefix + f.name
+        if is_dataclass(hint):
+            _check(isinstance(values[f.name], Mapping), key, "is a section; set its keys as "
+                   f"{key}.<name>=value")
+            kwargs[f.name] = _build(hint, values[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(values[f.name], hint, key)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); values are TOML literals, bare words are strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; write e.g. --set clients=100")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key; write e.g. --set clients=100")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a preset; a missing or malformed file is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing preset, e.g. configs/cifar10/fedmoco.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML ({err}); fix the line it names") from None
+
+
+def make_config(base: Mapping[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
+                **top: Any) -> RunConfig:
+    """Build and validate a RunConfig from a TOML-like dict, ``--set`` strings and keyword overrides."""
+    values: dict[str, Any] = json.loads(json.dumps(dict(base or {})))  # deep copy of plain data
+    for key, value in top.items():
+        if value is not None:
+            values[key] = value
+    for item in overrides:
+        path, value = _parse_override(item)
+        _merge(values, path, value)
+    return validate(_build(RunConfig, values))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A short stable digest of everything that changes what a run computes."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dumps_toml(values: Mapping[str, Any]) -> str:
+    """Write a nested dict of scalars / lists / sections as TOML (the subset configs use)."""
+    def literal(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(literal(x) for x in v) + "]"
+        raise ConfigError(f"cannot write {v!r} as TOML")
+
+    scalars = [f"{k} = {literal(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
+    sections = [f"\n[{k}]\n" + dumps_toml(v) for k, v in values.items() if isinstance(v, Mapping)]
+    return "\n".join(scalars) + "\n" + "".join(sections)
+
+
+def with_updates(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """A validated copy of cfg with top-level fields replaced."""
+    return validate(replace(cfg, **changes))

@@ -1,0 +1,244 @@
+"""The in-process engine: every client simulated in one Python process, seeded and deterministic.
+
+Per round: sample clients (seeded by round), send each the server's payload,
+run its local training, collect the uploads, aggregate, evaluate (kNN monitor),
+checkpoint atomically. The same seed gives the same metrics twice, and a run
+resumed from its last checkpoint ends exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedssl.config import RunConfig
+from fedssl.data.augment import EvalTransform
+from fedssl.data.datasets import ImageData, load_split
+from fedssl.data.partition import class_histogram, partition
+from fedssl.errors import FedSSLError
+from fedssl.evaluation import evaluate, extract_features, knn_accuracy
+from fedssl.methods import METHODS, build_method
+from fedssl.methods.base import FederatedMethod, MethodContext
+from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
+from fedssl.report import finish_run
+from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
+                             write_jsonl)
+from fedssl.training import derive_seed
+
+
+class Observer(Protocol):
+    """What a user interface sees of a run (the CLI draws progress bars from it)."""
+
+    def round_started(self, round_index: int, num_clients: int) -> None: ...
+    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None: ...
+    def round_done(self, row: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class SilentObserver:
+    def round_started(self, round_index: int, num_clients: int) -> None: ...
+    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None: ...
+    def round_done(self, row: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class Federation:
+    """The data as the run sees it: pooled train/test splits and the clients' index sets."""
+
+    train: ImageData
+    test: ImageData
+    client_indices: list[np.ndarray]
+
+    def client_data(self, client_id: int) -> ImageData:
+        return self.train.subset(self.client_indices[client_id])
+
+    def histogram(self) -> np.ndarray:  # (clients, classes)
+        return class_histogram(self.train.labels.numpy(), self.client_indices, self.train.info.num_classes)
+
+
+def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
+    """Load both splits and partition the training split over the clients (one part if pooled)."""
+    kwargs = dict(data_dir=cfg.data_dir or None, image_size=cfg.image_size or None, download=cfg.download,
+                  seed=cfg.seed)
+    train = load_split(cfg.dataset, "train", **kwargs)
+    test = load_split(cfg.dataset, "test", **kwargs)
+    if pooled:
+        parts = [np.arange(len(train), dtype=np.int64)]
+    else:
+        parts = partition(train.labels.numpy(), cfg.clients, cfg.partition, alpha=cfg.alpha,
+                          classes_per_client=cfg.classes_per_client, shards_per_client=cfg.shards_per_client,
+                          seed=cfg.seed)
+    return Federation(train, test, parts)
+
+
+def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
+    """The clients of a round: ceil(fraction * N), uniformly without replacement, seeded by round."""
+    k = max(1, int(np.ceil(cfg.sample_fraction * num_clients)))
+    if k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(cfg.seed, round_index, 0x5A))
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
+    return torch.device(name)
+
+
+def knn_monitor(method: FederatedMethod, fed: Federation, cfg: RunConfig, device: torch.device) -> float:
+    """kNN accuracy of the current encoder (monitoring only: nothing is selected on it)."""
+    transform = EvalTransform(fed.train.images.shape[-1], fed.train.info.mean, fed.train.info.std).to(device)
+    encoder = method.encoder()
+    train_f = extract_features(encoder, fed.train.images, transform=transform, batch_size=cfg.eval.batch_size,
+                               device=device)
+    test_f = extract_features(encoder, fed.test.images, transform=transform, batch_size=cfg.eval.batch_size,
+                              device=device)
+    return knn_accuracy(train_f, fed.train.labels, test_f, fed.test.labels, k=cfg.eval.knn_k,
+                        temperature=cfg.eval.knn_t, num_classes=fed.train.info.num_classes)
+
+
+def full_evaluation(method: FederatedMethod, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """kNN + linear probe of the encoder as it is now (called on the FINAL encoder)."""
+    transform = EvalTransform(fed.train.images.shape[-1], fed.train.info.mean, fed.train.info.std).to(device)
+    result = evaluate(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
+                      transform=transform, knn_k=cfg.eval.knn_k, knn_t=cfg.eval.knn_t, probe=cfg.eval.probe,
+                      probe_epochs=cfg.eval.probe_epochs, device=device, batch_size=cfg.eval.batch_size,
+                      seed=cfg.seed)
+    return result.as_dict()
+
+
+def _weighted_loss(results: list[Any]) -> float:
+    steps = sum(r.metrics.get("steps", 0) for r in results)
+    if not steps:
+        return float("nan")
+    return sum(r.metrics["loss"] * r.metrics["steps"] for r in results if r.metrics.get("steps")) / steps
+
+
+def run_round(method: FederatedMethod, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
+              observer: Observer) -> dict[str, Any]:
+    """One round: download, local training, upload, aggregation; returns the round's metrics row."""
+    clients = [0] if method.pooled_data else sample_clients(cfg, round_index, len(fed.client_indices))
+    observer.round_started(round_index, len(clients))
+    start = time.perf_counter()
+    results, up, down = [], 0, 0
+    for client in clients:
+        payload = method.download(round_index, client)
+        result = method.client_update(payload, fed.client_data(client), round_index=round_index, client_id=client)
+        down_b, up_b = payload_bytes(payload), payload_bytes(result.upload)
+        ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=down_b)
+        ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up_b,
+                      samples=result.num_samples, steps=int(result.metrics.get("steps", 0)))
+        up, down = up + up_b, down + down_b
+        results.append(result)
+        observer.client_done(round_index, client, {**result.metrics, "bytes_up": up_b, "bytes_down": down_b})
+    method.aggregate(round_index, results)
+    seconds = time.perf_counter() - start
+    images = int(sum(r.metrics.get("images", 0) for r in results))
+    return {"round": round_index + 1, "loss": _weighted_loss(results), "clients": len(clients), "images": images,
+            "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0,
+            "bytes_up": up, "bytes_down": down}
+
+
+def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
+    """A new run in a new directory (created only once the data has loaded)."""
+    ensure_new_run_dir(path)
+    device = resolve_device(cfg.device)
+    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+    return _execute(cfg, create_run_dir(path, cfg), fed, device, observer or SilentObserver())
+
+
+def resume_run(path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
+    """Continue a run from its last checkpoint (or from the start if it never finished a round)."""
+    run, cfg = open_run_dir(path)
+    device = resolve_device(cfg.device)
+    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+    return _execute(cfg, run, fed, device, observer or SilentObserver())
+
+
+def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer) -> RunOutcome:
+    """Run the experiment from its last checkpoint to the end and evaluate the final encoder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    method = build_method(MethodContext(cfg, fed.train.info, device))
+    checkpoint = load_checkpoint(run, cfg)
+    if checkpoint is None:
+        first_round, metrics, ledger = 0, [], Ledger(rows=[])
+        observer.message("evaluating the random-init encoder (kNN + linear probe) ...")
+        initial = full_evaluation(method, fed, cfg, device)
+        cost = method.measure_client_step(fed.client_data(_largest_client(fed)))
+        ledger.record_step_cost(round=0, client=_largest_client(fed), cost=cost)
+    else:
+        method.load_state_dict(checkpoint["method"])
+        first_round, metrics, initial = checkpoint["round"], checkpoint["metrics"], checkpoint["initial"]
+        ledger = Ledger(rows=[])
+        ledger.load_state_dict(checkpoint["ledger"])
+        observer.message(f"resuming {run.path} after round {first_round}/{cfg.rounds}")
+    for r in range(first_round, cfg.rounds):
+        row = run_round(method, fed, cfg, r, ledger, observer)
+        last = r + 1 == cfg.rounds
+        if (cfg.eval.every and (r + 1) % cfg.eval.every == 0) or last:
+            row["knn_acc"] = knn_monitor(method, fed, cfg, device)
+        metrics.append(row)
+        observer.round_done(row)
+        if (r + 1) % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(run, cfg, {"round": r + 1, "method": method.state_dict(), "metrics": metrics,
+                                       "initial": initial, "ledger": ledger.state_dict()})
+            write_jsonl(run.metrics, metrics)
+            ledger.to_jsonl(run.ledger)
+    observer.message("evaluating the final encoder (kNN + linear probe) ...")
+    final = full_evaluation(method, fed, cfg, device)
+    outcome = RunOutcome(run, metrics, initial, final, ledger, fed.histogram())
+    finish_run(outcome, cfg)
+    return outcome
+
+
+def _largest_client(fed: Federation) -> int:
+    return int(np.argmax([len(ix) for ix in fed.client_indices]))
+
+
+def _restore(path: str | Path) -> tuple[RunConfig, RunDir, FederatedMethod, Federation, torch.device]:
+    """A run's config, its method with the last checkpoint's weights, and its (pooled) data."""
+    run, cfg = open_run_dir(path)
+    checkpoint = load_checkpoint(run, cfg)
+    if checkpoint is None:
+        raise FedSSLError(f"{run.path} has no checkpoint yet; run it first (fedssl run --resume {run.path})")
+    device = resolve_device(cfg.device)
+    fed = load_federation(cfg, pooled=True)
+    method = build_method(MethodContext(cfg, fed.train.info, device))
+    method.load_state_dict(checkpoint["method"])
+    if checkpoint["round"] < cfg.rounds:
+        raise FedSSLError(f"{run.path} stopped after round {checkpoint['round']} of {cfg.rounds}; "
+                          f"finish it with fedssl run --resume {run.path} before evaluating the final encoder")
+    return cfg, run, method, fed, device
+
+
+def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
+    """kNN (+ linear probe) of a finished run's FINAL encoder; written to RUN_DIR/eval.json."""
+    import json
+    from dataclasses import replace
+
+    from fedssl.io import atomic_write_text
+
+    cfg, run, method, fed, device = _restore(path)
+    cfg = replace(cfg, eval=replace(cfg.eval, probe=probe))
+    result = full_evaluation(method, fed, cfg, device)
+    atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def export_run(path: str | Path, out: str | Path) -> tuple[int, ...]:
+    """Write a finished run's final encoder as TorchScript; returns the input shape (C, H, W) it expects."""
+    from fedssl.export import export_encoder
+
+    cfg, _, method, fed, _ = _restore(path)
+    info = fed.train.info
+    size = int(fed.train.images.shape[-1])
+    export_encoder(method.encoder(), mean=info.mean, std=info.std, channels=info.channels, image_size=size, path=out)
+    return (info.channels, size, size)

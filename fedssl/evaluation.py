@@ -1,0 +1,235 @@
+"""Honest evaluation of a FROZEN encoder: weighted kNN and a linear probe.
+
+The protocol is the same for every method: features are extracted once with
+the encoder in eval mode and no gradients; the kNN classifier and the linear
+probe are fitted on the labelled TRAIN split only and scored once on the
+TEST split. Nothing is selected on the test split: the probe trains for a
+fixed number of epochs, and test labels are read only when scoring.
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EvalResult", "evaluate", "extract_features", "knn_accuracy", "linear_probe"]
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images: Tensor,
+    *,
+    transform: Callable[[Tensor], Tensor],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Features of ``images`` from the frozen ``encoder``.
+
+    images: (N, C, H, W), usually uint8; each batch is moved to ``device``
+    and passed through ``transform`` (e.g. to float + normalise) and then the
+    encoder, which must already live on ``device`` and return (B, D).
+    The encoder runs in eval mode; every submodule's train/eval flag is
+    restored afterwards. Returns (N, D) float32 on the CPU.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    modes = {module: module.training for module in encoder.modules()}
+    encoder.eval()
+    try:
+        chunks: list[Tensor] = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = transform(images[start : start + batch_size].to(device))  # (B, C, H, W)
+            features = encoder(batch)  # (B, D)
+            if features.ndim != 2:
+                raise ValueError(
+                    f"the encoder must return (batch, dim) features, got shape {tuple(features.shape)}; pool it first"
+                )
+            chunks.append(features.float().cpu())
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if not chunks:
+        raise ValueError("no images to extract features from")
+    return torch.cat(chunks)  # (N, D)
+
+
+def _num_classes(train_labels: Tensor, num_classes: int | None) -> int:
+    """Classes from the TRAIN labels only: test labels never shape the classifier."""
+    inferred = int(train_labels.max()) + 1
+    if num_classes is None:
+        return inferred
+    if num_classes < inferred:
+        raise ValueError(f"num_classes={num_classes} but train labels go up to {inferred - 1}")
+    return num_classes
+
+
+def _check_split(features: Tensor, labels: Tensor, name: str) -> None:
+    if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0] or labels.numel() == 0:
+        raise ValueError(
+            f"{name}: expected features (N, D) and labels (N,) with N > 0, "
+            f"got {tuple(features.shape)} and {tuple(labels.shape)}"
+        )
+
+
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> float:
+    """Weighted kNN accuracy (InstDisc / MoCo protocol).
+
+    Cosine similarity to every train feature; the top-``k`` neighbours
+    (``k`` capped at the train size) each vote for their label with weight
+    ``exp(sim / temperature)``; the class with the largest total wins (ties:
+    the lowest class index). Test queries are processed ``chunk`` at a time.
+    """
+    _check_split(train_features, train_labels, "train")
+    _check_split(test_features, test_labels, "test")
+    if k <= 0 or temperature <= 0 or chunk <= 0:
+        raise ValueError(f"k, temperature and chunk must be positive, got {k}, {temperature}, {chunk}")
+    classes = _num_classes(train_labels, num_classes)
+    k = min(k, train_features.shape[0])
+    bank = F.normalize(train_features.float(), dim=1)  # (Ntr, D)
+    bank_labels = train_labels.long()
+
+    predictions: list[Tensor] = []
+    for start in range(0, test_features.shape[0], chunk):
+        queries = F.normalize(test_features[start : start + chunk].float(), dim=1)  # (B, D)
+        sim, idx = (queries @ bank.T).topk(k, dim=1)  # (B, k)
+        weights = (sim / temperature).exp()  # (B, k)
+        votes = torch.zeros(queries.shape[0], classes).scatter_add_(1, bank_labels[idx], weights)  # (B, classes)
+        predictions.append(votes.argmax(dim=1))
+    predicted = torch.cat(predictions)  # (Nte,)
+    return int((predicted == test_labels.long()).sum()) / predicted.shape[0]
+
+
+def _standardise(train: Tensor, test: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Standardise both splits with the TRAIN mean and std."""
+    mean = train.mean(dim=0, keepdim=True)  # (1, D)
+    std = train.std(dim=0, keepdim=True).clamp_min(eps)  # (1, D)
+    return (train - mean) / std, (test - mean) / std
+
+
+@torch.no_grad()
+def _accuracy(classifier: nn.Linear, features: Tensor, labels: Tensor, chunk: int = 8192) -> float:
+    correct = sum(
+        int((classifier(features[i : i + chunk]).argmax(dim=1) == labels[i : i + chunk]).sum())
+        for i in range(0, features.shape[0], chunk)
+    )
+    return correct / features.shape[0]
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Train a linear classifier on frozen TRAIN features; score it once on TEST.
+
+    Features are standardised with the train statistics. The classifier
+    starts at zero and is trained with cross-entropy, AdamW (``lr``,
+    ``weight_decay``) and a cosine learning-rate decay over a fixed
+    ``epochs`` of shuffled mini-batches (the shuffling is drawn from ``seed``,
+    so results are deterministic). No early stopping, no model selection.
+    Returns ``{"train_acc", "test_acc", "train_loss"}`` (last-epoch mean loss).
+    """
+    _check_split(train_features, train_labels, "train")
+    _check_split(test_features, test_labels, "test")
+    if epochs <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    classes = _num_classes(train_labels, num_classes)
+    train_x, test_x = _standardise(train_features.float(), test_features.float())  # (Ntr, D), (Nte, D)
+    train_y = train_labels.long()
+
+    classifier = nn.Linear(train_x.shape[1], classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(train_x.shape[0] / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+
+    train_loss = 0.0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(train_x.shape[0], generator=generator)
+            total = 0.0
+            for start in range(0, train_x.shape[0], batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(classifier(train_x[idx]), train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * idx.numel()
+            train_loss = total / train_x.shape[0]
+
+    # test labels are read here, once, after training is finished
+    return {
+        "train_acc": _accuracy(classifier, train_x, train_y),
+        "test_acc": _accuracy(classifier, test_x, test_labels.long()),
+        "train_loss": train_loss,
+    }
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracies (fractions) of one frozen encoder; ``probe_acc`` is None when the probe was skipped."""
+
+    knn_acc: float
+    probe_acc: float | None
+    feature_dim: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def evaluate(
+    encoder: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    transform: Callable[[Tensor], Tensor],
+    knn_k: int = 200,
+    knn_t: float = 0.1,
+    probe: bool = True,
+    probe_epochs: int = 100,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    seed: int = 0,
+) -> EvalResult:
+    """Extract frozen features once, then kNN and (optionally) the linear probe on them."""
+    train_features = extract_features(encoder, train_images, transform=transform, batch_size=batch_size, device=device)
+    test_features = extract_features(encoder, test_images, transform=transform, batch_size=batch_size, device=device)
+    knn = knn_accuracy(train_features, train_labels, test_features, test_labels, k=knn_k, temperature=knn_t)
+    probe_acc = None
+    if probe:
+        probe_acc = linear_probe(
+            train_features, train_labels, test_features, test_labels, epochs=probe_epochs, seed=seed
+        )["test_acc"]
+    return EvalResult(knn_acc=knn, probe_acc=probe_acc, feature_dim=train_features.shape[1])

@@ -1,0 +1,17 @@
+"""The method registry: name -> class (every method written once, run by either engine)."""
+
+from __future__ import annotations
+
+from fedssl.config import METHOD_NAMES
+from fedssl.methods.base import FederatedMethod, MethodContext
+from fedssl.methods.centralized import Centralized
+from fedssl.methods.fedavg import FedBYOL, FedMoCo, FedMoCoV3, FedSimCLR
+
+METHODS: dict[str, type[FederatedMethod]] = {
+    cls.name: cls for cls in (FedMoCo, FedMoCoV3, FedSimCLR, FedBYOL, Centralized)
+}
+assert set(METHODS) == set(METHOD_NAMES), "config.METHOD_NAMES and the registry must agree"
+
+
+def build_method(ctx: MethodContext) -> FederatedMethod:
+    return METHODS[ctx.cfg.method](ctx)

@@ -1,0 +1,131 @@
+"""The method protocol: what runs on a client, what on the server, what crosses the wire.
+
+A round-based method is written once against ``FederatedMethod`` and run by
+either engine. Per round the engine asks the server for each sampled client's
+``download`` payload, hands it to ``client_update`` (which returns the
+``upload`` payload), and gives the uploads to ``aggregate``. The payloads are
+the real tensors that travel, so the ledger counts bytes from them directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fedssl.config import RunConfig
+from fedssl.data.augment import TwoViewAugment
+from fedssl.data.datasets import DatasetInfo, ImageData
+from fedssl.models.encoder import Encoder, build_encoder
+from fedssl.models.ssl import SSLModel, build_ssl_model
+from fedssl.resources import StepCost, measure_step
+from fedssl.training import derive_seed, make_optimizer, ssl_step
+
+Payload = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What every method is built from."""
+
+    cfg: RunConfig
+    info: DatasetInfo
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size or self.info.image_size
+
+
+@dataclass
+class ClientResult:
+    """A client's reply: the upload payload, its data size (FedAvg weight) and local metrics."""
+
+    client_id: int
+    upload: Payload
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class FederatedMethod(ABC):
+    """A round-based federated SSL method."""
+
+    name: ClassVar[str]
+    pooled_data: ClassVar[bool] = False  # True: one participant holds all data (the centralized ceiling)
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    @abstractmethod
+    def download(self, round_index: int, client_id: int) -> Payload:
+        """Server -> client payload for this round."""
+
+    @abstractmethod
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+        """Client side: local training from the payload on the client's own data."""
+
+    @abstractmethod
+    def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
+        """Server side: fold the clients' uploads into the global state."""
+
+    @abstractmethod
+    def encoder(self) -> Encoder:
+        """The current global encoder (what is evaluated and exported)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the server must keep to resume (checkpoint content)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def measure_client_step(self, data: ImageData) -> StepCost:
+        """Run one real client training step under measurement (memory, FLOPs), without side effects."""
+
+
+# ------------------------------------------------------------ shared building blocks
+
+
+def build_model(ctx: MethodContext, objective: str) -> SSLModel:
+    """The SSL model of the config's backbone, on the context's device."""
+    return build_ssl_model(objective, build_backbone(ctx), ctx.cfg.ssl).to(ctx.device)
+
+
+def build_backbone(ctx: MethodContext) -> Encoder:
+    """The config's encoder, with only the settings its architecture takes."""
+    m = ctx.cfg.model
+    if m.arch == "vit":
+        arch_kwargs = dict(width=m.width, patch_size=m.patch_size, depth=m.depth, heads=m.heads)
+    else:
+        arch_kwargs = dict(width=m.width, blocks_per_stage=m.blocks_per_stage, norm=m.norm, stem=m.stem)
+    return build_encoder(m.arch, in_channels=ctx.info.channels, image_size=ctx.image_size, **arch_kwargs)
+
+
+def build_augment(ctx: MethodContext) -> TwoViewAugment:
+    info = ctx.info
+    return TwoViewAugment(ctx.image_size, info.mean, info.std, preset=ctx.cfg.ssl.augment,
+                          channels=info.channels).to(ctx.device)
+
+
+def seed_client(cfg: RunConfig, round_index: int, client_id: int) -> torch.Generator:
+    """Seed the global RNG (augmentations) and return a generator (shuffling) for one client-round."""
+    torch.manual_seed(derive_seed(cfg.seed, round_index, client_id, 1))
+    return torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client_id, 0))
+
+
+def measure_ssl_step(model: SSLModel, data: ImageData, ctx: MethodContext, lr: float) -> StepCost:
+    """One real SSL step of a *copy* of model on the first batch of data, measured; RNG state untouched."""
+    probe = copy.deepcopy(model)
+    probe.train()
+    optimizer = make_optimizer(probe.trainable_parameters(), ctx.cfg, lr)
+    augment = build_augment(ctx)
+    images = data.images[: min(ctx.cfg.batch_size, len(data))].to(ctx.device)
+    with torch.random.fork_rng(devices=[]):
+        return measure_step(lambda: ssl_step(probe, optimizer, images, augment), modules=[probe],
+                            optimizer=optimizer, images=int(images.shape[0]), device=ctx.device)

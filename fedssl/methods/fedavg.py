@@ -1,0 +1,88 @@
+"""End-to-end federated SSL (FedMoCo v2/v3, FedSimCLR, FedBYOL): FedAvg of the whole SSL model.
+
+Clients are stateless between rounds (cross-device FL): each round a sampled
+client receives the global online network (and the momentum branch if
+``ssl.exchange_momentum``), trains locally with a fresh optimizer, and uploads
+the same tensors back; the server averages them weighted by client data size.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+
+from fedssl.aggregation import weighted_average
+from fedssl.data.datasets import ImageData
+from fedssl.methods.base import (ClientResult, FederatedMethod, MethodContext, Payload, build_augment,
+                                 build_model, measure_ssl_step, seed_client)
+from fedssl.models.encoder import Encoder
+from fedssl.resources import StepCost
+from fedssl.training import make_optimizer, round_lr, train_local
+
+
+class FedAvgSSL(FederatedMethod):
+    """FedAvg of an SSL model whose objective is fixed by the subclass."""
+
+    objective: ClassVar[str]
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        torch.manual_seed(ctx.cfg.seed)
+        self.global_model = build_model(ctx, self.objective)
+        self.worker = copy.deepcopy(self.global_model)  # one client model, reused by every simulated client
+        self.augment = build_augment(ctx)
+
+    def download(self, round_index: int, client_id: int) -> Payload:
+        return self.global_model.exchanged_state()
+
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+        worker = self.worker
+        worker.load_exchanged_state(payload)
+        worker.start_round()
+        generator = seed_client(self.cfg, round_index, client_id)
+        optimizer = make_optimizer(worker.trainable_parameters(), self.cfg, round_lr(self.cfg, round_index))
+        stats = train_local(worker, data, self.augment, optimizer, cfg=self.cfg, generator=generator,
+                            device=self.ctx.device)
+        upload = {k: v.clone() for k, v in worker.exchanged_state().items()}
+        return ClientResult(client_id, upload, len(data), stats.as_dict())
+
+    def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
+        trained = [r for r in results if r.metrics.get("steps", 0) > 0]
+        if not trained:
+            return
+        averaged = weighted_average([r.upload for r in trained], [r.num_samples for r in trained])
+        self.global_model.load_exchanged_state(averaged)
+
+    def encoder(self) -> Encoder:
+        return self.global_model.encoder
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_model": self.global_model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_model.load_state_dict(state["global_model"])
+
+    def measure_client_step(self, data: ImageData) -> StepCost:
+        return measure_ssl_step(self.worker, data, self.ctx, self.cfg.lr)
+
+
+class FedMoCo(FedAvgSSL):
+    name = "fedmoco"
+    objective = "mocov2"
+
+
+class FedMoCoV3(FedAvgSSL):
+    name = "fedmocov3"
+    objective = "mocov3"
+
+
+class FedSimCLR(FedAvgSSL):
+    name = "fedsimclr"
+    objective = "simclr"
+
+
+class FedBYOL(FedAvgSSL):
+    name = "fedbyol"
+    objective = "byol"

@@ -1,0 +1,176 @@
+"""The run report: a markdown page with the result, the client cost, the rounds and the clients' data.
+
+Written at the end of every run (and again by ``fedssl report RUN_DIR``) from
+the run's own files, so that a report always describes what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedssl.config import RunConfig
+from fedssl.io import atomic_write_text
+from fedssl.resources import DOWNLOAD, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
+from fedssl.errors import FedSSLError
+from fedssl.run_dir import RunOutcome, open_run_dir, read_jsonl
+
+MAX_HISTOGRAM_ROWS = 20
+
+
+@dataclass(frozen=True)
+class ClientCost:
+    """What one client holds, computes and sends (worst client where clients differ)."""
+
+    param_bytes: int
+    peak_training_bytes: int
+    estimated_bytes: int
+    flops_per_image: float
+    mean_up_per_round: float
+    mean_down_per_round: float
+    mean_total_per_client: float
+    max_total_per_client: float
+
+
+def client_cost(ledger: Ledger) -> ClientCost | None:
+    """Read the client cost off the ledger (None if no step was measured)."""
+    steps = [r for r in ledger.rows if r["kind"] == STEP_COST]
+    if not steps:
+        return None
+    summary = ledger.summary()
+    participations = max(1, sum(r["kind"] == UPLOAD for r in ledger.rows))
+    total_up = sum(r["bytes"] for r in ledger.rows if r["kind"] == UPLOAD)
+    total_down = sum(r["bytes"] for r in ledger.rows if r["kind"] == DOWNLOAD)
+    return ClientCost(
+        param_bytes=int(max(r["param_bytes"] for r in steps)),
+        peak_training_bytes=int(summary["peak_training_bytes_max"]),
+        estimated_bytes=int(summary["estimated_bytes_max"]),
+        flops_per_image=float(summary["flops_per_image_max"]),
+        mean_up_per_round=total_up / participations, mean_down_per_round=total_down / participations,
+        mean_total_per_client=summary["comm_bytes_mean"], max_total_per_client=summary["comm_bytes_max"])
+
+
+def _pct(value: Any) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def result_section(initial: dict[str, Any], final: dict[str, Any]) -> str:
+    rows = [["kNN accuracy (k, T from config)", _pct(initial.get("knn_acc")), _pct(final.get("knn_acc"))],
+            ["linear probe accuracy", _pct(initial.get("probe_acc")), _pct(final.get("probe_acc"))]]
+    return "## Result: the final encoder, frozen\n\n" + _table(["", "random init", "trained"], rows)
+
+
+def cost_section(cost: ClientCost | None) -> str:
+    if cost is None:
+        return ""
+    rows = [["parameters + buffers held", human_bytes(cost.param_bytes)],
+            ["peak training memory (measured on a real step)", human_bytes(cost.peak_training_bytes)],
+            ["analytic estimate (params + grads + optimizer + saved activations)", human_bytes(cost.estimated_bytes)],
+            ["FLOPs per image of a training step (measured)", human_flops(cost.flops_per_image)],
+            ["bytes up per client per round of participation (mean)", human_bytes(cost.mean_up_per_round)],
+            ["bytes down per client per round of participation (mean)", human_bytes(cost.mean_down_per_round)],
+            ["bytes up + down per client over the run (mean / max)",
+             f"{human_bytes(cost.mean_total_per_client)} / {human_bytes(cost.max_total_per_client)}"]]
+    return "## Client cost\n\n" + _table(["per client", "value"], rows)
+
+
+def rounds_section(metrics: list[dict[str, Any]]) -> str:
+    rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"]),
+             f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])] for m in metrics]
+    header = ["round", "loss", "kNN (monitor)", "clients", "images/s", "bytes up", "bytes down"]
+    return "## Rounds\n\n" + _table(header, rows)
+
+
+def histogram_section(histogram: np.ndarray) -> str:
+    """Per-client class counts (the first clients as a table; all of them in the PNG)."""
+    shown = histogram[:MAX_HISTOGRAM_ROWS]
+    rows = [[str(i), str(int(h.sum())), str(int((h > 0).sum()))] + [str(int(v)) for v in h]
+            for i, h in enumerate(shown)]
+    header = ["client", "images", "classes"] + [f"c{j}" for j in range(histogram.shape[1])]
+    sizes = histogram.sum(axis=1)
+    note = (f"{histogram.shape[0]} clients; images per client min {sizes.min()}, median {int(np.median(sizes))}, "
+            f"max {sizes.max()}; classes per client mean {(histogram > 0).sum(axis=1).mean():.2f}.")
+    more = f"\n(first {MAX_HISTOGRAM_ROWS} clients shown; all in plots/clients.png)\n" if len(histogram) > len(shown) else ""
+    return "## Clients: class histogram\n\n" + note + "\n\n" + _table(header, rows) + more + \
+        "\n![clients](plots/clients.png)\n"
+
+
+def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarray) -> None:
+    """plots/loss.png, plots/knn.png and plots/clients.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    rounds = [m["round"] for m in metrics]
+    for name, key, label in (("loss", "loss", "SSL loss"), ("knn", "knn_acc", "kNN accuracy")):
+        points = [(m["round"], m[key]) for m in metrics if m.get(key) is not None]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        if points:
+            ax.plot(*zip(*points), marker="o")
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, max(rounds, default=1) + 0.5)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots / f"{name}.png", dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.imshow(histogram.T, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_xlabel("client")
+    ax.set_ylabel("class")
+    ax.set_title("images per class and client")
+    fig.tight_layout()
+    fig.savefig(plots / "clients.png", dpi=110)
+    plt.close(fig)
+
+
+def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
+                  ledger: Ledger, histogram: np.ndarray) -> str:
+    head = (f"# fedssl run: {cfg.method} on {cfg.dataset}\n\n"
+            f"{cfg.clients if cfg.method != 'centralized' else 1} client(s), partition `{cfg.partition}` "
+            f"(alpha {cfg.alpha}), {cfg.rounds} rounds, sample fraction {cfg.sample_fraction}, "
+            f"backbone `{cfg.model.arch}` width {cfg.model.width}, seed {cfg.seed}. "
+            "Accuracies are of the FINAL encoder (no selection on the test split).\n\n")
+    plots = "## Curves\n\n![loss](plots/loss.png) ![kNN](plots/knn.png)\n\n"
+    return "\n".join([head, result_section(initial, final), cost_section(client_cost(ledger)),
+                      rounds_section(metrics), plots, histogram_section(histogram)])
+
+
+def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
+    """report.md + plots for a finished run."""
+    write_plots(outcome.run.plots, outcome.metrics, outcome.histogram)
+    text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram)
+    atomic_write_text(outcome.run.report, text)
+    return outcome.run.report
+
+
+def finish_run(outcome: RunOutcome, cfg: RunConfig) -> None:
+    """final.json (evaluations, ledger summary, class histogram) and the report."""
+    summary = {"initial": outcome.initial, "final": outcome.final, "ledger": outcome.ledger.summary(),
+               "histogram": outcome.histogram.tolist()}
+    atomic_write_text(outcome.run.final, json.dumps(summary, indent=1, sort_keys=True))
+    write_report(outcome, cfg)
+
+
+def regenerate_report(path: str | Path) -> Path:
+    """Rewrite report.md and the plots of a finished run from its files."""
+    run, cfg = open_run_dir(path)
+    if not run.final.is_file():
+        raise FedSSLError(f"{run.path} has not finished (no final.json); finish it with fedssl run --resume {run.path}")
+    final = json.loads(run.final.read_text())
+    outcome = RunOutcome(run, read_jsonl(run.metrics), final["initial"], final["final"], Ledger.from_jsonl(run.ledger),
+                         np.asarray(final["histogram"]))
+    return write_report(outcome, cfg)
