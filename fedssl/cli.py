@@ -174,7 +174,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from fedssl.bench import run_overhead_benchmark
 
-    run_overhead_benchmark(console, data_dir=args.data_dir, steps=args.steps)
+    run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
 
 
@@ -208,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
     bench.add_argument("name", choices=["overhead"], help="overhead: centralized vs federated images/s and memory")
     bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
-    bench.add_argument("--steps", type=int, default=20, help="training steps timed per setting")
     bench.set_defaults(func=cmd_bench)
     return parser
 

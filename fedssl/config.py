@@ -68,6 +68,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """Split federated learning (MocoSFL): the cut, the per-step exchange, client-net synchronisation.
+
+    A round is one synchronisation period: ``sync_every`` steps, each over the
+    step's active clients, then the client nets are averaged and broadcast.
+    """
+
+    cut: int = 1  # the client holds encoder.layers[:cut] (1 = the stem only)
+    client_batch: int = 1  # images per client per step
+    clients_per_step: float = 1.0  # fraction of the clients active in each step
+    sync_every: int = 50  # local steps between client-net averaging
+    sync_momentum: bool = True  # also average the momentum client nets (False = the reference code's behaviour)
+    queue: str = "shared"  # shared (one server queue, feature sharing) | per_client
+    auto_adjust: bool = False  # the reference scripts' choice of client_batch / sync_every / clients_per_step
+    simulate: str = "batched"  # batched (all clients of a step in one vmapped call) | loop (one after another)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole experiment: method, data, federation, local training, evaluation."""
 
@@ -102,6 +120,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
 
 # ---------------------------------------------------------------- validation
@@ -154,6 +173,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.ssl.queue_size >= 0, "ssl.queue_size", "must be >= 0")
     _check(0 <= cfg.ssl.momentum <= 1, "ssl.momentum", "must be in [0, 1]")
     _check(cfg.ssl.proj_hidden >= 1 and cfg.ssl.proj_dim >= 1, "ssl", "projection sizes must be >= 1")
+    _one_of(cfg.split.queue, ("shared", "per_client"), "split.queue")
+    _one_of(cfg.split.simulate, ("batched", "loop"), "split.simulate")
+    _check(cfg.split.cut >= 1, "split.cut", "must be >= 1 (1 = the client runs the stem only)")
+    _check(cfg.split.client_batch >= 1, "split.client_batch", "must be >= 1")
+    _check(0 < cfg.split.clients_per_step <= 1, "split.clients_per_step", "must be in (0, 1]")
+    _check(cfg.split.sync_every >= 1, "split.sync_every", "must be >= 1")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")

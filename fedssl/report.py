@@ -35,6 +35,10 @@ class ClientCost:
     mean_down_per_round: float
     mean_total_per_client: float
     max_total_per_client: float
+    server_flops_per_image: float | None = None  # split methods: what the server computes per image
+
+
+SERVER_STEP_COST = "server_step_cost"
 
 
 def client_cost(ledger: Ledger) -> ClientCost | None:
@@ -46,13 +50,15 @@ def client_cost(ledger: Ledger) -> ClientCost | None:
     participations = max(1, sum(r["kind"] == UPLOAD for r in ledger.rows))
     total_up = sum(r["bytes"] for r in ledger.rows if r["kind"] == UPLOAD)
     total_down = sum(r["bytes"] for r in ledger.rows if r["kind"] == DOWNLOAD)
+    server = [r for r in ledger.rows if r["kind"] == SERVER_STEP_COST]
     return ClientCost(
         param_bytes=int(max(r["param_bytes"] for r in steps)),
         peak_training_bytes=int(summary["peak_training_bytes_max"]),
         estimated_bytes=int(summary["estimated_bytes_max"]),
         flops_per_image=float(summary["flops_per_image_max"]),
         mean_up_per_round=total_up / participations, mean_down_per_round=total_down / participations,
-        mean_total_per_client=summary["comm_bytes_mean"], max_total_per_client=summary["comm_bytes_max"])
+        mean_total_per_client=summary["comm_bytes_mean"], max_total_per_client=summary["comm_bytes_max"],
+        server_flops_per_image=float(server[-1]["flops_per_image"]) if server else None)
 
 
 def _pct(value: Any) -> str:
@@ -78,6 +84,8 @@ def cost_section(cost: ClientCost | None) -> str:
             ["peak training memory (measured on a real step)", human_bytes(cost.peak_training_bytes)],
             ["analytic estimate (params + grads + optimizer + saved activations)", human_bytes(cost.estimated_bytes)],
             ["FLOPs per image of a training step (measured)", human_flops(cost.flops_per_image)],
+            *([["server FLOPs per image of its part of the step (measured)",
+                human_flops(cost.server_flops_per_image)]] if cost.server_flops_per_image is not None else []),
             ["bytes up per client per round of participation (mean)", human_bytes(cost.mean_up_per_round)],
             ["bytes down per client per round of participation (mean)", human_bytes(cost.mean_down_per_round)],
             ["bytes up + down per client over the run (mean / max)",
@@ -106,8 +114,9 @@ def histogram_section(histogram: np.ndarray) -> str:
         "\n![clients](plots/clients.png)\n"
 
 
-def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarray) -> None:
-    """plots/loss.png, plots/knn.png and plots/clients.png."""
+def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarray,
+                initial: dict[str, Any] | None = None) -> None:
+    """plots/loss.png, plots/knn.png (round 0 = the random-init encoder) and plots/clients.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,6 +126,8 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
     rounds = [m["round"] for m in metrics]
     for name, key, label in (("loss", "loss", "SSL loss"), ("knn", "knn_acc", "kNN accuracy")):
         points = [(m["round"], m[key]) for m in metrics if m.get(key) is not None]
+        if initial and initial.get(key) is not None:
+            points.insert(0, (0, initial[key]))
         fig, ax = plt.subplots(figsize=(5, 3.2))
         if points:
             ax.plot(*zip(*points), marker="o")
@@ -151,7 +162,7 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
 
 def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
     """report.md + plots for a finished run."""
-    write_plots(outcome.run.plots, outcome.metrics, outcome.histogram)
+    write_plots(outcome.run.plots, outcome.metrics, outcome.histogram, outcome.initial)
     text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram)
     atomic_write_text(outcome.run.report, text)
     return outcome.run.report

@@ -23,7 +23,7 @@ from fedssl.data.partition import class_histogram, partition
 from fedssl.errors import FedSSLError
 from fedssl.evaluation import evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
-from fedssl.methods.base import FederatedMethod, MethodContext
+from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
 from fedssl.report import finish_run
 from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
@@ -92,9 +92,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def knn_monitor(method: FederatedMethod, fed: Federation, cfg: RunConfig, device: torch.device) -> float:
+def eval_transform(fed: Federation, device: torch.device) -> EvalTransform:
+    """uint8 images -> normalised float at the training resolution."""
+    return EvalTransform(fed.train.images.shape[-1], fed.train.info.mean, fed.train.info.std).to(device)
+
+
+def knn_monitor(method: Method, fed: Federation, cfg: RunConfig, device: torch.device) -> float:
     """kNN accuracy of the current encoder (monitoring only: nothing is selected on it)."""
-    transform = EvalTransform(fed.train.images.shape[-1], fed.train.info.mean, fed.train.info.std).to(device)
+    transform = eval_transform(fed, device)
     encoder = method.encoder()
     train_f = extract_features(encoder, fed.train.images, transform=transform, batch_size=cfg.eval.batch_size,
                                device=device)
@@ -104,11 +109,10 @@ def knn_monitor(method: FederatedMethod, fed: Federation, cfg: RunConfig, device
                         temperature=cfg.eval.knn_t, num_classes=fed.train.info.num_classes)
 
 
-def full_evaluation(method: FederatedMethod, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def full_evaluation(method: Method, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """kNN + linear probe of the encoder as it is now (called on the FINAL encoder)."""
-    transform = EvalTransform(fed.train.images.shape[-1], fed.train.info.mean, fed.train.info.std).to(device)
     result = evaluate(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
-                      transform=transform, knn_k=cfg.eval.knn_k, knn_t=cfg.eval.knn_t, probe=cfg.eval.probe,
+                      transform=eval_transform(fed, device), knn_k=cfg.eval.knn_k, knn_t=cfg.eval.knn_t, probe=cfg.eval.probe,
                       probe_epochs=cfg.eval.probe_epochs, device=device, batch_size=cfg.eval.batch_size,
                       seed=cfg.seed)
     return result.as_dict()
@@ -121,9 +125,14 @@ def _weighted_loss(results: list[Any]) -> float:
     return sum(r.metrics["loss"] * r.metrics["steps"] for r in results if r.metrics.get("steps")) / steps
 
 
-def run_round(method: FederatedMethod, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
+def run_round(method: Method, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
               observer: Observer) -> dict[str, Any]:
     """One round: download, local training, upload, aggregation; returns the round's metrics row."""
+    if isinstance(method, SplitMethod):
+        observer.round_started(round_index, 1)
+        row = method.train_round(round_index, fed.client_data, len(fed.client_indices), ledger)
+        observer.client_done(round_index, -1, row)
+        return {"round": round_index + 1, **row}
     clients = [0] if method.pooled_data else sample_clients(cfg, round_index, len(fed.client_indices))
     observer.round_started(round_index, len(clients))
     start = time.perf_counter()
@@ -203,7 +212,7 @@ def _largest_client(fed: Federation) -> int:
     return int(np.argmax([len(ix) for ix in fed.client_indices]))
 
 
-def _restore(path: str | Path) -> tuple[RunConfig, RunDir, FederatedMethod, Federation, torch.device]:
+def _restore(path: str | Path) -> tuple[RunConfig, RunDir, Method, Federation, torch.device]:
     """A run's config, its method with the last checkpoint's weights, and its (pooled) data."""
     run, cfg = open_run_dir(path)
     checkpoint = load_checkpoint(run, cfg)

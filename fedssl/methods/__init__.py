@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from fedssl.config import METHOD_NAMES
-from fedssl.methods.base import FederatedMethod, MethodContext
+from fedssl.methods.base import Method, MethodContext
 from fedssl.methods.centralized import Centralized
 from fedssl.methods.fedavg import FedBYOL, FedMoCo, FedMoCoV3, FedSimCLR
 
-METHODS: dict[str, type[FederatedMethod]] = {
+METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FedMoCo, FedMoCoV3, FedSimCLR, FedBYOL, Centralized)
 }
 assert set(METHODS) == set(METHOD_NAMES), "config.METHOD_NAMES and the registry must agree"
 
 
-def build_method(ctx: MethodContext) -> FederatedMethod:
+def build_method(ctx: MethodContext) -> Method:
     return METHODS[ctx.cfg.method](ctx)

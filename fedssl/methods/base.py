@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from fedssl.data.augment import TwoViewAugment
 from fedssl.data.datasets import DatasetInfo, ImageData
 from fedssl.models.encoder import Encoder, build_encoder
 from fedssl.models.ssl import SSLModel, build_ssl_model
-from fedssl.resources import StepCost, measure_step
+from fedssl.resources import Ledger, StepCost, measure_step
 from fedssl.training import derive_seed, make_optimizer, ssl_step
 
 Payload = dict[str, Tensor]
@@ -51,8 +51,8 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class FederatedMethod(ABC):
-    """A round-based federated SSL method."""
+class Method(ABC):
+    """What every method offers the engines: the global encoder, resumable state, a measured client step."""
 
     name: ClassVar[str]
     pooled_data: ClassVar[bool] = False  # True: one participant holds all data (the centralized ceiling)
@@ -60,18 +60,6 @@ class FederatedMethod(ABC):
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
-
-    @abstractmethod
-    def download(self, round_index: int, client_id: int) -> Payload:
-        """Server -> client payload for this round."""
-
-    @abstractmethod
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
-        """Client side: local training from the payload on the client's own data."""
-
-    @abstractmethod
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
-        """Server side: fold the clients' uploads into the global state."""
 
     @abstractmethod
     def encoder(self) -> Encoder:
@@ -87,6 +75,36 @@ class FederatedMethod(ABC):
     @abstractmethod
     def measure_client_step(self, data: ImageData) -> StepCost:
         """Run one real client training step under measurement (memory, FLOPs), without side effects."""
+
+
+class FederatedMethod(Method):
+    """A round-based method: per round, download -> local training -> upload -> aggregate."""
+
+    @abstractmethod
+    def download(self, round_index: int, client_id: int) -> Payload:
+        """Server -> client payload for this round."""
+
+    @abstractmethod
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+        """Client side: local training from the payload on the client's own data."""
+
+    @abstractmethod
+    def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
+        """Server side: fold the clients' uploads into the global state."""
+
+
+class SplitMethod(Method):
+    """A step-based split-learning method: the server drives every step of every client.
+
+    A round is one synchronisation period; ``train_round`` runs it over the
+    clients' data (``client_data(i)``), records every payload that crosses the
+    wire in the ledger, and returns the round's metrics row (the keys of the
+    engine's round rows: loss, clients, images, seconds, images_per_s, bytes_up, bytes_down).
+    """
+
+    @abstractmethod
+    def train_round(self, round_index: int, client_data: Callable[[int], ImageData], num_clients: int,
+                    ledger: Ledger) -> dict[str, Any]: ...
 
 
 # ------------------------------------------------------------ shared building blocks

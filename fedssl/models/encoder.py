@@ -111,3 +111,15 @@ def build_encoder(arch: str, *, in_channels: int, image_size: int, **kwargs: Any
 
 
 __all__ = ["ARCHS", "Encoder", "build_encoder"]
+
+
+def preset_kwargs(arch: str, presets: dict[str, dict[str, Any]], preset: str | None,
+                  overrides: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments: the named preset's (if any), then ``overrides`` on top."""
+    config: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"unknown {arch} preset {preset!r}: choose one of {sorted(presets)}.")
+        config.update(presets[preset])
+    config.update(overrides)
+    return config

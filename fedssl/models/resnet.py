@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedssl.errors import ConfigError
-from fedssl.models.encoder import Encoder
+from fedssl.models.encoder import Encoder, preset_kwargs
 
 NORMS = ("group", "batch")
 STEMS = ("cifar", "imagenet")
@@ -200,12 +200,7 @@ def build_resnet(*, in_channels: int, image_size: int, preset: str | None = None
     """
     if image_size < 1:
         raise ConfigError(f"image_size={image_size} must be positive: pass the side of the (square) input images.")
-    config: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in RESNET_PRESETS:
-            raise ConfigError(f"unknown resnet preset {preset!r}: choose one of {sorted(RESNET_PRESETS)}.")
-        config.update(RESNET_PRESETS[preset])
-    config.update(kwargs)
+    config = preset_kwargs("resnet", RESNET_PRESETS, preset, kwargs)
     try:
         return ResNet(in_channels=in_channels, **config)
     except TypeError as err:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedssl.errors import ConfigError
-from fedssl.models.encoder import Encoder
+from fedssl.models.encoder import Encoder, preset_kwargs
 
 POS_EMBEDS = ("sincos", "learned")
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -192,12 +192,7 @@ def vit_flops_per_image(*, width: int, depth: int, patch_size: int, image_size: 
 
 def build_vit(*, in_channels: int, image_size: int, preset: str | None = None, **kwargs: Any) -> VisionTransformer:
     """``ARCHS["vit"]``: a ViT from a preset in ``VIT_PRESETS`` plus overrides (``patch_size`` is required)."""
-    config: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in VIT_PRESETS:
-            raise ConfigError(f"unknown vit preset {preset!r}: choose one of {sorted(VIT_PRESETS)}.")
-        config.update(VIT_PRESETS[preset])
-    config.update(kwargs)
+    config = preset_kwargs("vit", VIT_PRESETS, preset, kwargs)
     if "patch_size" not in config:
         raise ConfigError("a ViT needs patch_size: pass e.g. patch_size=4 for 32x32 images or 16 for 224x224.")
     try:

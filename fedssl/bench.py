@@ -1,0 +1,87 @@
+"""Benchmarks that print comparison tables (speed and memory live here, not in tests).
+
+``overhead``: images/s and memory of centralized MoCo vs FedMoCo with 10 and
+100 clients, on the same data and model (the demo preset), measured side by
+side in one invocation. Each setting runs in its own subprocess so that its
+peak resident memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedssl.config import RunConfig, load_toml, make_config
+from fedssl.resources import human_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PRESET = REPO / "configs" / "cifar10" / "fedmoco.toml"
+OVERHEAD_SETTINGS: tuple[tuple[str, str, int], ...] = (
+    ("centralized MoCo", "centralized", 1), ("FedMoCo, 10 clients", "fedmoco", 10),
+    ("FedMoCo, 100 clients", "fedmoco", 100))
+
+
+def measure_setting(cfg: RunConfig) -> dict[str, Any]:
+    """Train one full pass over the training split (one round, every client once) and time it."""
+    from fedssl.engines.local import SilentObserver, load_federation, run_round
+    from fedssl.methods import METHODS, build_method
+    from fedssl.methods.base import MethodContext
+    from fedssl.resources import Ledger
+
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+    method = build_method(MethodContext(cfg, fed.train.info, torch.device(cfg.device)))
+    cost = method.measure_client_step(fed.client_data(0))
+    warm = run_round(method, fed, cfg, 0, Ledger(rows=[]), SilentObserver())  # warm-up: oneDNN primitives per shape
+    start = time.perf_counter()
+    row = run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
+    seconds = time.perf_counter() - start
+    return {"images": row["images"], "seconds": seconds, "images_per_s": row["images"] / seconds,
+            "warmup_images_per_s": warm["images_per_s"], "client_peak_bytes": cost.peak_training_bytes,
+            "bytes_per_round": row["bytes_up"] + row["bytes_down"],
+            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _run_in_subprocess(overrides: list[str]) -> dict[str, Any]:
+    code = ("import json, sys; from fedssl.bench import _child; print('RESULT ' + json.dumps(_child(sys.argv[1:])))")
+    proc = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark setting {overrides} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _child(overrides: list[str]) -> dict[str, Any]:
+    return measure_setting(make_config(load_toml(DEMO_PRESET), overrides))
+
+
+def run_overhead_benchmark(console: Console, *, data_dir: str = "") -> list[dict[str, Any]]:
+    """Print images/s and memory of centralized MoCo vs FedMoCo (10, 100 clients); returns the rows."""
+    rows = []
+    for label, method, clients in OVERHEAD_SETTINGS:
+        overrides = [f"method={method}", f"clients={max(clients, 2)}", "local_epochs=1", "local_steps=0"]
+        if data_dir:
+            overrides.append(f"data_dir={data_dir}")
+        console.print(f"[dim]measuring {label} ...[/dim]")
+        rows.append({"setting": label, **_run_in_subprocess(overrides)})
+    base = rows[0]["images_per_s"]
+    table = Table(title="Federation overhead (demo preset: FedMoCo/MoCo v2, ResNet-10 width 16, CIFAR-10; "
+                        "one pass over the training split, after one warm-up pass)")
+    for col in ("setting", "images/s", "vs centralized", "client peak training memory", "process peak RSS",
+                "bytes per round"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        table.add_row(r["setting"], f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / base:.2f}x",
+                      human_bytes(r["client_peak_bytes"]), human_bytes(r["process_peak_rss_bytes"]),
+                      human_bytes(r["bytes_per_round"]))
+    console.print(table)
+    return rows

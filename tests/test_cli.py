@@ -1,0 +1,110 @@
+"""The command line: every bad input gets one clear line and a non-zero exit, and never harms a run dir."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedssl.cli import EXIT_USER_ERROR, main
+from tests.helpers import tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedssl: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["run", *tiny_args("--set=rounds=1", "--quiet"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["run", "--method", "fedfoo"], "unknown value 'fedfoo'"),
+    (["run", "--set", "colour=red"], "unknown config key 'colour'"),
+    (["run", "--set", "clients=0"], "use 2 to 10000 clients"),
+    (["run", "--set", "alpha=0"], "must be > 0"),
+    (["run", "--config", "configs/none.toml"], "does not exist"),
+    (["run", "--set", "dataset=synthetic", "--set", "partition=pathological", "--set", "classes_per_client=11"],
+     "classes_per_client"),
+    (["run", "--set", "dataset=cifar10", "--set", "data_dir=/nonexistent/data", "--set", "download=false"],
+     "data_dir"),
+    (["eval", "/nonexistent/run"], "not a fedssl run directory"),
+])
+def test_bad_input_gets_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str],
+                                 fragment: str) -> None:
+    out = tmp_path / "never"
+    argv = argv + (["--out", str(out)] if argv[0] == "run" else [])
+    assert fragment in _error_line(capsys, argv)
+    assert not out.exists(), "a failed run must not leave a run directory behind"
+
+
+def test_cifar_folder_with_wrong_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps({b"nothing": 1}))
+    err = _error_line(capsys, ["run", "--set", f"data_dir={tmp_path / 'data'}", "--set", "download=false",
+                               "--out", str(tmp_path / "r")])
+    assert "data_batch_1" in err or "cifar" in err.lower()
+
+
+def test_existing_run_dir_is_never_overwritten(capsys: pytest.CaptureFixture[str], finished_run: Path,
+                                               tmp_path: Path) -> None:
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    assert "already exists" in _error_line(capsys, ["run", *tiny_args(), "--out", str(finished_run)])
+    assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_corrupt_checkpoint(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    (copy / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint at all")
+    assert "is corrupt" in _error_line(capsys, ["eval", str(copy)])
+    assert "is corrupt" in _error_line(capsys, ["run", "--resume", str(copy)])
+
+
+def test_checkpoint_of_another_config(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    text = (copy / "config.toml").read_text().replace("clients = 3", "clients = 4")
+    (copy / "config.toml").write_text(text)
+    assert "belongs to another config" in _error_line(capsys, ["run", "--resume", str(copy)])
+
+
+def test_resume_refuses_overrides(capsys: pytest.CaptureFixture[str], finished_run: Path) -> None:
+    assert "--resume continues" in _error_line(capsys, ["run", "--resume", str(finished_run), "--set", "lr=1"])
+
+
+def test_eval_export_report_commands(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
+    assert main(["eval", str(finished_run), "--no-probe"]) == 0
+    assert "knn_acc" in capsys.readouterr().out
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "enc.pt")]) == 0
+    assert (tmp_path / "enc.pt").stat().st_size > 0
+    (finished_run / "report.md").unlink()
+    assert main(["report", str(finished_run)]) == 0
+    assert "Client cost" in (finished_run / "report.md").read_text()
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    """The installed entry point, as a user runs it."""
+    exe = Path(sys.executable).with_name("fedssl")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedssl.cli"]
+    proc = subprocess.run([*cmd, "run", "--set", "alpha=-1", "--out", str(tmp_path / "x")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=REPO, timeout=120)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.strip().splitlines() == ["fedssl: error: config key 'alpha': -1.0 must be > 0 "
+                                                "(smaller = more non-IID)"]
