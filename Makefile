@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# Real CIFAR-10 beside the repo when it is there; otherwise the loaders download into ~/.cache/fedssl.
+# Data for the demo, offline first: the real CIFAR-10 beside the repo; else Debian's Fashion-MNIST
+# (apt-get install dataset-fashion-mnist); else CIFAR-10 downloaded into ~/.cache/fedssl/data.
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar-10-batches-py/data_batch_1),../shared/data,)
-DATA_SET  = $(if $(DATA_DIR),--set data_dir=$(DATA_DIR),)
+FASHION   = $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte*)
+DATA_SET  = $(if $(DATA_DIR),--set data_dir=$(DATA_DIR),$(if $(FASHION),--set dataset=fashion-mnist,))
 
 .PHONY: install demo test bench clean
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -253,11 +255,25 @@ def _cpu_peak_meter(
 ) -> Iterator[Callable[[], int]]:
     """Measure the transient CPU peak of the enclosed code; yields a getter valid after exit."""
     result: dict[str, int] = {}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _rehome_state(modules, optimizer)
         with record_function(_STEP_MARK):
             yield lambda: result["peak"]
     result["peak"] = _cpu_peak_from_profile(prof)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side prints start/stop lines users need not see."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager
