@@ -86,6 +86,14 @@ def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[i
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
+def returns_update(cfg: RunConfig, round_index: int, client_id: int) -> bool:
+    """Whether a sampled client's update arrives (``dropout``: it fails with that probability, seeded)."""
+    if cfg.dropout == 0:
+        return True
+    rng = np.random.default_rng(derive_seed(cfg.seed, round_index, client_id, 0xD0))
+    return bool(rng.random() >= cfg.dropout)
+
+
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
@@ -136,23 +144,30 @@ def run_round(method: Method, fed: Federation, cfg: RunConfig, round_index: int,
     clients = [0] if method.pooled_data else sample_clients(cfg, round_index, len(fed.client_indices))
     observer.round_started(round_index, len(clients))
     start = time.perf_counter()
-    results, up, down = [], 0, 0
+    results, up, down, dropped = [], 0, 0, 0
     for client in clients:
         payload = method.download(round_index, client)
-        result = method.client_update(payload, fed.client_data(client), round_index=round_index, client_id=client)
-        down_b, up_b = payload_bytes(payload), payload_bytes(result.upload)
+        down_b = payload_bytes(payload)
         ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=down_b)
+        down += down_b
+        if not returns_update(cfg, round_index, client):
+            dropped += 1  # the client received the model, then failed: nothing comes back
+            observer.client_done(round_index, client, {"bytes_down": down_b, "dropped": 1})
+            continue
+        result = method.client_update(payload, fed.client_data(client), round_index=round_index, client_id=client)
+        up_b = payload_bytes(result.upload)
         ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up_b,
                       samples=result.num_samples, steps=int(result.metrics.get("steps", 0)))
-        up, down = up + up_b, down + down_b
+        up += up_b
         results.append(result)
         observer.client_done(round_index, client, {**result.metrics, "bytes_up": up_b, "bytes_down": down_b})
-    method.aggregate(round_index, results)
+    if results:
+        method.aggregate(round_index, results)
     seconds = time.perf_counter() - start
     images = int(sum(r.metrics.get("images", 0) for r in results))
-    return {"round": round_index + 1, "loss": _weighted_loss(results), "clients": len(clients), "images": images,
-            "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0,
-            "bytes_up": up, "bytes_down": down}
+    return {"round": round_index + 1, "loss": _weighted_loss(results), "clients": len(clients),
+            "dropped": dropped, "images": images, "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else 0.0, "bytes_up": up, "bytes_down": down}
 
 
 def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = None) -> RunOutcome:

@@ -130,3 +130,16 @@ def test_fedmoco_on_the_real_cifar10_subset(tmp_path: Path, cifar_subset_dir: Pa
     assert out.final["knn_acc"] > 0.1  # above chance on the real test split
     comm = out.ledger.bytes_per_client()
     assert set(comm) == {0, 1, 2, 3, 4} and all(v["up"] == v["down"] > 0 for v in comm.values())
+
+
+def test_dropout_aggregates_only_the_clients_that_returned(tmp_path: Path) -> None:
+    out = start_run(tiny_config("clients=6", "rounds=3", "dropout=0.5", "local_steps=1", "eval.every=0"),
+                    tmp_path / "drop")
+    downloads = [r for r in out.ledger.rows if r["kind"] == "download"]
+    uploads = [r for r in out.ledger.rows if r["kind"] == "upload"]
+    dropped = sum(row["dropped"] for row in out.metrics)
+    assert len(downloads) == 18 and len(uploads) == 18 - dropped
+    assert 0 < dropped < 18  # seeded: some fail, some return
+    again = start_run(tiny_config("clients=6", "rounds=3", "dropout=0.5", "local_steps=1", "eval.every=0"),
+                      tmp_path / "again")
+    assert [r["dropped"] for r in again.metrics] == [r["dropped"] for r in out.metrics]
