@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, dumps_toml, to_dict
 from fedssl.io import atomic_write_text
 from fedssl.resources import DOWNLOAD, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
 from fedssl.errors import FedSSLError
@@ -94,9 +94,13 @@ def cost_section(cost: ClientCost | None) -> str:
 
 
 def rounds_section(metrics: list[dict[str, Any]]) -> str:
-    rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"]),
-             f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])] for m in metrics]
-    header = ["round", "loss", "kNN (monitor)", "clients", "images/s", "bytes up", "bytes down"]
+    """One row per round; a 'dropped' column when clients failed to return."""
+    show_dropped = any(m.get("dropped") for m in metrics)
+    rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"])]
+            + ([str(m.get("dropped", 0))] if show_dropped else [])
+            + [f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])] for m in metrics]
+    header = (["round", "loss", "kNN (monitor)", "clients"] + (["dropped"] if show_dropped else [])
+              + ["images/s", "bytes up", "bytes down"])
     return "## Rounds\n\n" + _table(header, rows)
 
 
@@ -156,8 +160,10 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
             f"backbone `{cfg.model.arch}` width {cfg.model.width}, seed {cfg.seed}. "
             "Accuracies are of the FINAL encoder (no selection on the test split).\n\n")
     plots = "## Curves\n\n![loss](plots/loss.png) ![kNN](plots/knn.png)\n\n"
+    config = ("## Config\n\n<details><summary>the resolved config of this run (config.toml)</summary>\n\n"
+              "```toml\n" + dumps_toml(to_dict(cfg)) + "```\n\n</details>\n")
     return "\n".join([head, result_section(initial, final), cost_section(client_cost(ledger)),
-                      rounds_section(metrics), plots, histogram_section(histogram)])
+                      rounds_section(metrics), plots, histogram_section(histogram), config])
 
 
 def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
