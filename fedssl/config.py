@@ -103,6 +103,7 @@ class RunConfig:
     shards_per_client: int = 2
     rounds: int = 10
     sample_fraction: float = 1.0
+    dropout: float = 0.0  # probability that a sampled client fails to return its update in a round
     # local training
     local_epochs: int = 1
     local_steps: int = 0  # > 0: a fixed number of steps per round instead of epochs
@@ -154,6 +155,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.shards_per_client >= 1, "shards_per_client", "must be >= 1")
     _check(cfg.rounds >= 1, "rounds", "must be >= 1")
     _check(0 < cfg.sample_fraction <= 1, "sample_fraction", f"{cfg.sample_fraction} must be in (0, 1]")
+    _check(0 <= cfg.dropout < 1, "dropout", f"{cfg.dropout} must be in [0, 1) (some client must return)")
     _check(cfg.local_epochs >= 1, "local_epochs", "must be >= 1")
     _check(cfg.local_steps >= 0, "local_steps", "must be >= 0 (0 = use local_epochs)")
     _check(cfg.batch_size >= 2, "batch_size", "must be >= 2 (two views need a pair)")
