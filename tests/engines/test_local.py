@@ -71,7 +71,8 @@ def test_sampling_is_seeded_and_never_favours_client_zero() -> None:
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
     """Kill a real `fedssl run` process after its first checkpoint, resume it, compare with a full run."""
-    args = tiny_args("--set=rounds=4", "--set=local_steps=4", "--quiet")
+    # the same thread count in both processes: float reductions then run in the same order
+    args = tiny_args("--set=rounds=4", "--set=local_steps=4", "--set=threads=2", "--quiet")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", *args, "--out", str(killed)],
