@@ -20,7 +20,9 @@ from typing import Any, Mapping
 
 from fedssl.errors import ConfigError
 
-METHOD_NAMES = ("fedmoco", "fedmocov3", "fedsimclr", "fedbyol", "centralized")
+METHOD_NAMES = ("fedmoco", "fedmocov3", "fedsimclr", "fedbyol", "centralized", "mocosfl",
+                "lw-fedssl", "prog-fedssl")
+STAGED_METHODS = ("lw-fedssl", "prog-fedssl")  # methods that read [layerwise], [calibration], [alignment]
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological", "shards")
@@ -86,6 +88,40 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class LayerwiseConfig:
+    """Stage-wise training (lw-fedssl, prog-fedssl): each stage adds ``blocks_per_stage`` blocks.
+
+    A "block" is a transformer block (ViT) or a whole ResNet stage (ResNet); the stem
+    trains with the first stage. Rounds per stage: ``schedule`` if given, else
+    ``rounds_per_stage`` (then ``rounds`` must equal stages x it), else ``rounds`` split evenly.
+    """
+
+    blocks_per_stage: int = 1
+    rounds_per_stage: int = 0  # 0 = split `rounds` evenly over the stages
+    schedule: tuple[int, ...] = ()  # explicit rounds of each stage, e.g. [3, 3, 2]; must sum to `rounds`
+    objective: str = "mocov3"  # mocov3 (the paper's) | simclr | byol | mocov2
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Server-side calibration: after each aggregation the server trains on its own auxiliary unlabeled set."""
+
+    aux_fraction: float = 0.0  # share of the TRAINING split held out for the server (0 = calibration off)
+    steps: int = 10  # server SSL steps per round
+    lr: float = 0.0  # 0 = the round's client learning rate
+    batch_size: int = 0  # 0 = the clients' batch_size
+    scope: str = "model"  # model: the whole current model end-to-end (frozen blocks change and are re-sent) | active
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Representation alignment: local loss += weight x distance(local, received global representation)."""
+
+    weight: float = 0.0  # 0 = off
+    distance: str = "cosine"  # cosine | mse
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole experiment: method, data, federation, local training, evaluation."""
 
@@ -122,6 +158,9 @@ class RunConfig:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
 
 # ---------------------------------------------------------------- validation
@@ -181,11 +220,46 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.split.client_batch >= 1, "split.client_batch", "must be >= 1")
     _check(0 < cfg.split.clients_per_step <= 1, "split.clients_per_step", "must be in (0, 1]")
     _check(cfg.split.sync_every >= 1, "split.sync_every", "must be >= 1")
+    if cfg.method == "mocosfl":
+        _check(cfg.model.arch == "resnet", "model.arch", "mocosfl splits a ResNet; set model.arch = \"resnet\"")
+        _check(cfg.model.norm == "group", "model.norm", "mocosfl trains client-nets on per-client batches of a few "
+               "images, where BatchNorm statistics are wrong; set model.norm = \"group\"")
+        layers = 1 + sum(cfg.model.blocks_per_stage)
+        _check(cfg.split.cut < layers, "split.cut", f"{cfg.split.cut} leaves the server no layer of the {layers} "
+               f"(stem + blocks); choose 1 <= split.cut <= {layers - 1}")
+        _check(cfg.optimizer == "sgd", "optimizer", "mocosfl's stacked client optimizer is SGD; set optimizer = \"sgd\"")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _check(cfg.eval.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
+    _validate_staged(cfg)
     return cfg
+
+
+def _validate_staged(cfg: RunConfig) -> None:
+    """[layerwise], [calibration], [alignment]: ranges, and only for the methods that read them."""
+    lw, cal, al = cfg.layerwise, cfg.calibration, cfg.alignment
+    _one_of(lw.objective, OBJECTIVES, "layerwise.objective")
+    _one_of(cal.scope, ("model", "active"), "calibration.scope")
+    _one_of(al.distance, ("cosine", "mse"), "alignment.distance")
+    _check(lw.blocks_per_stage >= 1, "layerwise.blocks_per_stage", "must be >= 1")
+    _check(lw.rounds_per_stage >= 0, "layerwise.rounds_per_stage", "must be >= 0 (0 = split rounds evenly)")
+    _check(0 <= cal.aux_fraction <= 0.5, "calibration.aux_fraction", f"{cal.aux_fraction} must be in [0, 0.5] "
+           "(0 = off; the clients keep the rest)")
+    _check(cal.steps >= 1, "calibration.steps", "must be >= 1")
+    _check(cal.lr >= 0, "calibration.lr", "must be >= 0 (0 = the round's client learning rate)")
+    _check(cal.batch_size == 0 or cal.batch_size >= 2, "calibration.batch_size", "must be 0 (= batch_size) or >= 2")
+    _check(al.weight >= 0, "alignment.weight", "must be >= 0 (0 = off)")
+    if cfg.method not in STAGED_METHODS:
+        _check(cal.aux_fraction == 0, "calibration.aux_fraction",
+               f"only {', '.join(STAGED_METHODS)} calibrate on the server; set it to 0")
+        _check(al.weight == 0, "alignment.weight", f"only {', '.join(STAGED_METHODS)} align; set it to 0")
+        return
+    _check(not cfg.ssl.exchange_momentum, "ssl.exchange_momentum",
+           f"{cfg.method} re-copies the momentum branch each round and never sends it; set it to false")
+    from fedssl.stages import StageSchedule  # imported here: stages.py imports this module
+
+    StageSchedule.from_config(cfg)  # raises ConfigError naming the fix for rounds / schedule
 
 
 # ---------------------------------------------------------------- building

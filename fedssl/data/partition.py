@@ -83,6 +83,16 @@ def partition(
     return _parts_from_owner(_fill_empty_clients(owner, num_clients), num_clients)
 
 
+def hold_out(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded ``round(fraction * n)`` of the indices (a server's own share) and the rest, both sorted int64."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"held-out fraction {fraction} must be in [0, 1); lower it")
+    rng = np.random.default_rng([seed, 0xA0C5])
+    order = rng.permutation(num_samples)
+    k = int(round(fraction * num_samples))
+    return np.sort(order[:k]).astype(np.int64), np.sort(order[k:]).astype(np.int64)
+
+
 def class_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
     """Count the samples of every class held by every client.
 

@@ -19,7 +19,7 @@ import torch
 from fedssl.config import RunConfig
 from fedssl.data.augment import EvalTransform
 from fedssl.data.datasets import ImageData, load_split
-from fedssl.data.partition import class_histogram, partition
+from fedssl.data.partition import class_histogram, hold_out, partition
 from fedssl.errors import FedSSLError
 from fedssl.evaluation import evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
@@ -54,9 +54,13 @@ class Federation:
     train: ImageData
     test: ImageData
     client_indices: list[np.ndarray]
+    server_indices: np.ndarray | None = None  # the server's auxiliary share (Method.aux_fraction), never a client's
 
     def client_data(self, client_id: int) -> ImageData:
         return self.train.subset(self.client_indices[client_id])
+
+    def server_data(self) -> ImageData | None:
+        return None if self.server_indices is None else self.train.subset(self.server_indices)
 
     def histogram(self) -> np.ndarray:  # (clients, classes)
         return class_histogram(self.train.labels.numpy(), self.client_indices, self.train.info.num_classes)
@@ -68,13 +72,17 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
                   seed=cfg.seed)
     train = load_split(cfg.dataset, "train", **kwargs)
     test = load_split(cfg.dataset, "test", **kwargs)
+    server, pool = None, np.arange(len(train), dtype=np.int64)
+    fraction = METHODS[cfg.method].aux_fraction(cfg)
+    if fraction > 0 and not pooled:
+        server, pool = hold_out(len(train), fraction, cfg.seed)  # removed BEFORE partitioning
     if pooled:
-        parts = [np.arange(len(train), dtype=np.int64)]
+        parts = [pool]
     else:
-        parts = partition(train.labels.numpy(), cfg.clients, cfg.partition, alpha=cfg.alpha,
-                          classes_per_client=cfg.classes_per_client, shards_per_client=cfg.shards_per_client,
-                          seed=cfg.seed)
-    return Federation(train, test, parts)
+        parts = [pool[p] for p in partition(train.labels.numpy()[pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
+                                            classes_per_client=cfg.classes_per_client,
+                                            shards_per_client=cfg.shards_per_client, seed=cfg.seed)]
+    return Federation(train, test, parts, server)
 
 
 def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
@@ -190,7 +198,7 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
     """Run the experiment from its last checkpoint to the end and evaluate the final encoder."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    method = build_method(MethodContext(cfg, fed.train.info, device))
+    method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
     checkpoint = load_checkpoint(run, cfg)
     if checkpoint is None:
         first_round, metrics, ledger = 0, [], Ledger(rows=[])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedssl.config import RunConfig
 from fedssl.data.augment import TwoViewAugment
@@ -35,6 +35,7 @@ class MethodContext:
     cfg: RunConfig
     info: DatasetInfo
     device: torch.device
+    server_data: ImageData | None = None  # the server's own unlabeled set (see ``Method.aux_fraction``)
 
     @property
     def image_size(self) -> int:
@@ -60,6 +61,11 @@ class Method(ABC):
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
+
+    @classmethod
+    def aux_fraction(cls, cfg: RunConfig) -> float:
+        """Share of the training split the server keeps for itself (removed from the clients' pool)."""
+        return 0.0
 
     @abstractmethod
     def encoder(self) -> Encoder:
@@ -137,13 +143,18 @@ def seed_client(cfg: RunConfig, round_index: int, client_id: int) -> torch.Gener
     return torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client_id, 0))
 
 
-def measure_ssl_step(model: SSLModel, data: ImageData, ctx: MethodContext, lr: float) -> StepCost:
-    """One real SSL step of a *copy* of model on the first batch of data, measured; RNG state untouched."""
+def measure_ssl_step(model: SSLModel, data: ImageData, ctx: MethodContext, lr: float,
+                     held: Callable[[SSLModel], list[nn.Module]] | None = None) -> StepCost:
+    """One real SSL step of a *copy* of model on the first batch of data, measured; RNG state untouched.
+
+    ``held(copy)`` names the modules a client really holds (default: the whole model).
+    """
     probe = copy.deepcopy(model)
     probe.train()
     optimizer = make_optimizer(probe.trainable_parameters(), ctx.cfg, lr)
     augment = build_augment(ctx)
     images = data.images[: min(ctx.cfg.batch_size, len(data))].to(ctx.device)
+    modules = held(probe) if held is not None else [probe]
     with torch.random.fork_rng(devices=[]):
-        return measure_step(lambda: ssl_step(probe, optimizer, images, augment), modules=[probe],
+        return measure_step(lambda: ssl_step(probe, optimizer, images, augment), modules=modules,
                             optimizer=optimizer, images=int(images.shape[0]), device=ctx.device)

@@ -18,6 +18,7 @@ from fedssl.data.datasets import ImageData
 from fedssl.methods.base import (ClientResult, FederatedMethod, MethodContext, Payload, build_augment,
                                  build_model, measure_ssl_step, seed_client)
 from fedssl.models.encoder import Encoder
+from fedssl.models.ssl import SSLModel
 from fedssl.resources import StepCost
 from fedssl.training import make_optimizer, round_lr, train_local
 
@@ -30,19 +31,30 @@ class FedAvgSSL(FederatedMethod):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         torch.manual_seed(ctx.cfg.seed)
-        self.global_model = build_model(ctx, self.objective)
+        self.global_model = self.build_global_model()
         self.worker = copy.deepcopy(self.global_model)  # one client model, reused by every simulated client
         self.augment = build_augment(ctx)
+
+    def build_global_model(self) -> SSLModel:
+        """The server's SSL model (subclasses may wrap the backbone, e.g. stage by stage)."""
+        return build_model(self.ctx, self.objective)
+
+    def receive(self, worker: SSLModel, payload: Payload, round_index: int) -> None:
+        """Client side, before local training: load the download, reset local state (momentum re-copy)."""
+        worker.load_exchanged_state(payload)
+        worker.start_round()
+
+    def local_lr(self, round_index: int) -> float:
+        return round_lr(self.cfg, round_index)
 
     def download(self, round_index: int, client_id: int) -> Payload:
         return self.global_model.exchanged_state()
 
     def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
         worker = self.worker
-        worker.load_exchanged_state(payload)
-        worker.start_round()
+        self.receive(worker, payload, round_index)
         generator = seed_client(self.cfg, round_index, client_id)
-        optimizer = make_optimizer(worker.trainable_parameters(), self.cfg, round_lr(self.cfg, round_index))
+        optimizer = make_optimizer(worker.trainable_parameters(), self.cfg, self.local_lr(round_index))
         stats = train_local(worker, data, self.augment, optimizer, cfg=self.cfg, generator=generator,
                             device=self.ctx.device)
         upload = {k: v.clone() for k, v in worker.exchanged_state().items()}

@@ -84,6 +84,69 @@ def _normalized(x: Tensor) -> Tensor:
     return F.normalize(x, dim=1)
 
 
+class NegativeQueue(nn.Module):
+    """FIFO queues of negative keys (MoCo): ``banks`` independent queues of up to ``size`` keys of width ``dim``.
+
+    One bank is MoCo v2's queue and MocoSFL's shared server queue (feature sharing);
+    one bank per client is MocoSFL's per-client option. New keys overwrite the
+    oldest; a bank's negatives are the keys it holds so far (in storage order).
+    """
+
+    keys: Tensor
+    length: Tensor
+    ptr: Tensor
+
+    def __init__(self, size: int, dim: int, banks: int = 1) -> None:
+        super().__init__()
+        if size < 0 or dim < 1 or banks < 1:
+            raise ValueError(f"a queue needs size >= 0, dim >= 1 and banks >= 1 (got {size}, {dim}, {banks})")
+        self.size = int(size)
+        self.register_buffer("keys", torch.zeros(banks, size, dim))  # (banks, K, d) normalised keys
+        self.register_buffer("length", torch.zeros(banks, dtype=torch.long))  # (banks,) keys held
+        self.register_buffer("ptr", torch.zeros(banks, dtype=torch.long))  # (banks,) next write position
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, banks: Tensor | None = None) -> None:
+        """Write keys (M, d) into bank 0, or keys (n, M, d) into the n distinct ``banks`` (n,).
+
+        Each bank writes at its pointer and wraps around; with more than ``size`` keys only the newest are kept.
+        """
+        if self.size == 0:
+            return
+        if banks is None:
+            keys, banks = keys.unsqueeze(0), torch.zeros(1, dtype=torch.long, device=self.keys.device)
+        keys = keys[:, -self.size:]  # (n, m, d)
+        m = keys.shape[1]
+        start = self.ptr[banks]  # (n,)
+        positions = (start.unsqueeze(1) + torch.arange(m, device=start.device)) % self.size  # (n, m)
+        self.keys[banks.unsqueeze(1), positions] = keys.to(self.keys.dtype)
+        self.ptr[banks] = (start + m) % self.size
+        self.length[banks] = (self.length[banks] + m).clamp_max(self.size)
+
+    def negatives(self, bank: int = 0) -> Tensor:
+        """(L, d): the keys one bank holds (L <= size)."""
+        return self.keys[bank, : int(self.length[bank])]
+
+    def banked_negatives(self, banks: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys of several banks (n,): (n, size, d) and the (n, size) mask of the slots that hold a key."""
+        valid = torch.arange(self.size, device=self.keys.device) < self.length[banks].unsqueeze(1)
+        return self.keys[banks], valid
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every key."""
+        self.length.zero_()
+        self.ptr.zero_()
+
+
+def _upgrade_queue_keys(module: nn.Module, state: dict, prefix: str, *args: object) -> None:
+    """Load checkpoints written before the queue became a NegativeQueue (keys queue, queue_len, queue_ptr)."""
+    if prefix + "queue" in state and prefix + "queue.keys" not in state:
+        state[prefix + "queue.keys"] = state.pop(prefix + "queue").unsqueeze(0)
+        state[prefix + "queue.length"] = state.pop(prefix + "queue_len").reshape(1)
+        state[prefix + "queue.ptr"] = state.pop(prefix + "queue_ptr").reshape(1)
+
+
 class MoCoV2(SSLModel):
     """MoCo v2: 2-layer MLP projector, momentum encoder, a FIFO queue of negative keys."""
 
@@ -93,9 +156,8 @@ class MoCoV2(SSLModel):
         super().__init__(encoder, cfg)
         self.projector = mocov2_projector(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
         self._add_momentum_branch()
-        self.register_buffer("queue", torch.zeros(cfg.queue_size, cfg.proj_dim))  # (K, d) normalised keys
-        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim)  # normalised keys of earlier batches
+        self.register_load_state_dict_pre_hook(_upgrade_queue_keys)
         self._pending_keys: Tensor | None = None
 
     def _keys(self, x: Tensor) -> Tensor:
@@ -106,25 +168,16 @@ class MoCoV2(SSLModel):
         q1 = _normalized(self.projector(self.encoder(view1)))  # (N, d)
         q2 = _normalized(self.projector(self.encoder(view2)))
         k1, k2 = self._keys(view1), self._keys(view2)
-        negatives = self.queue[: int(self.queue_len)] if self.cfg.queue_size else None
+        negatives = self.queue.negatives() if self.cfg.queue_size else None
         t, inb = self.cfg.temperature, self.cfg.in_batch_negatives
         loss = 0.5 * (info_nce(q1, k2, negatives, temperature=t, in_batch_negatives=inb)
                       + info_nce(q2, k1, negatives, temperature=t, in_batch_negatives=inb))
         self._pending_keys = torch.cat([k1, k2])  # (2N, d), enqueued after the optimizer step
         return loss
 
-    @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
-        """FIFO: write keys (M, d) at the pointer, wrapping around; the oldest are overwritten."""
-        size = self.cfg.queue_size
-        if size == 0:
-            return
-        keys = keys[-size:]
-        ptr = int(self.queue_ptr)
-        positions = (ptr + torch.arange(keys.shape[0])) % size
-        self.queue[positions] = keys
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
-        self.queue_len.fill_(min(size, int(self.queue_len) + keys.shape[0]))
+        """FIFO: keys (M, d) join the queue; the oldest are overwritten."""
+        self.queue.enqueue(keys)
 
     def after_step(self) -> None:
         super().after_step()
@@ -134,8 +187,7 @@ class MoCoV2(SSLModel):
 
     def start_round(self) -> None:
         super().start_round()
-        self.queue_len.zero_()
-        self.queue_ptr.zero_()
+        self.queue.reset()
 
 
 class MoCoV3(SSLModel):

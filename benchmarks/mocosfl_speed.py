@@ -1,0 +1,147 @@
+"""Speed and memory of the MocoSFL simulation: 10 / 100 / 1,000 clients vs centralized MoCo vs a per-client loop.
+
+    python benchmarks/mocosfl_speed.py --data-dir ../shared/data
+
+Every setting trains the network of configs/cifar10/mocosfl.toml (ResNet-18 width 16, GroupNorm, cut 1)
+with the SAME server batch (default 1,000 images per step): centralized MoCo v2 with batch 1,000;
+MocoSFL with 10 clients x 100 images, 100 x 10 and 1,000 x 1, all clients of a step in one batched
+call on stacked weights; and MocoSFL with 1,000 x 1 simulated one client after another
+(``split.simulate = "loop"``, the same maths). Each setting runs in its own subprocess (so its peak
+resident memory, ru_maxrss, is its own): one warm-up round, then one timed round of ``--steps`` steps.
+Printed side by side: images/s, the ratio to centralized, the seconds per step spent in the client
+side of the simulation (client forward + client update) and in the server step, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "cifar10" / "mocosfl.toml"
+
+
+def settings(server_batch: int) -> list[tuple[str, list[str]]]:
+    """(label, config overrides) of every setting; the same server batch everywhere."""
+    out: list[tuple[str, list[str]]] = [
+        (f"centralized MoCo v2, batch {server_batch}",
+         ["method=centralized", f"batch_size={server_batch}", "ssl.in_batch_negatives=false"])]
+    for clients in (10, 100, 1000):
+        out.append((f"MocoSFL {clients:,} clients x {server_batch // clients}, batched",
+                    [f"clients={clients}", f"split.client_batch={server_batch // clients}"]))
+    out.append((f"MocoSFL 1,000 clients x {server_batch // 1000}, per-client loop",
+                ["clients=1000", f"split.client_batch={server_batch // 1000}", "split.simulate=loop"]))
+    return out
+
+
+def _timed(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+    return wrapper
+
+
+def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
+    """One setting, in this process: a warm-up round, then a timed round of ``steps`` steps."""
+    from fedssl.config import load_toml, make_config
+    from fedssl.engines.local import SilentObserver, load_federation, run_round
+    from fedssl.methods import METHODS, build_method
+    from fedssl.methods.base import MethodContext
+    from fedssl.resources import Ledger
+
+    torch.set_num_threads(threads)
+    cfg = make_config(load_toml(PRESET), [f"split.sync_every={steps}", f"local_steps={steps}", "rounds=10",
+                                          *overrides])
+    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+    method = build_method(MethodContext(cfg, fed.train.info, torch.device(cfg.device)))
+    totals: dict[str, float] = defaultdict(float)
+    if cfg.method == "mocosfl":
+        method.client_forward = _timed(method.client_forward, totals, "client")
+        method.client_update = _timed(method.client_update, totals, "client")
+        method.server_step = _timed(method.server_step, totals, "server")
+    # rounds 1 and 2: round 0 would also measure the server step under the profiler
+    run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
+    totals.clear()
+    start = time.perf_counter()
+    row = run_round(method, fed, cfg, 2, Ledger(rows=[]), SilentObserver())
+    seconds = time.perf_counter() - start
+    return {"images": row["images"], "seconds": seconds, "images_per_s": row["images"] / seconds,
+            "client_s_per_step": totals["client"] / steps if totals else None,
+            "server_s_per_step": totals["server"] / steps if totals else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def run_child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(overrides), "--steps", str(steps),
+                           "--threads", str(threads)], capture_output=True, text=True, check=False, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"setting {overrides} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def fmt_bytes(n: float) -> str:
+    from fedssl.resources import human_bytes
+
+    return human_bytes(n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
+                        help="folder holding cifar-10-batches-py (default ../shared/data)")
+    parser.add_argument("--server-batch", type=int, default=1000, help="images per server step in every setting")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after a warm-up round)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print("RESULT " + json.dumps(child(json.loads(args.child), args.steps, args.threads)))
+        return
+    console = Console()
+    rows = []
+    for label, overrides in settings(args.server_batch):
+        console.print(f"[dim]measuring {label} ...[/dim]")
+        rows.append({"setting": label, **run_child([f"data_dir={args.data_dir}", *overrides], args.steps,
+                                                     args.threads)})
+    base = rows[0]["images_per_s"]
+    loop = rows[-1]["images_per_s"]
+    table = Table(title=f"MocoSFL simulation speed: ResNet-18 width 16 (GroupNorm), cut 1, server batch "
+                        f"{args.server_batch}, {args.threads} threads; {args.steps} timed steps after a warm-up round")
+    for col in ("setting", "images/s", "vs centralized", "vs per-client loop", "client side s/step",
+                "server s/step", "peak memory (RSS)"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        table.add_row(r["setting"], f"{r['images_per_s']:.1f}", f"{r['images_per_s'] / base:.2f}x",
+                      f"{r['images_per_s'] / loop:.2f}x",
+                      "—" if r["client_s_per_step"] is None else f"{r['client_s_per_step']:.3f}",
+                      "—" if r["server_s_per_step"] is None else f"{r['server_s_per_step']:.3f}",
+                      fmt_bytes(r["peak_rss_bytes"]))
+    console.print(table)
+    batched, looped = rows[3], rows[4]
+    console.print(f"1,000 clients, batched: {batched['images_per_s'] / base:.2f}x centralized images/s; "
+                  f"{batched['images_per_s'] / looped['images_per_s']:.1f}x the per-client loop overall, "
+                  f"{looped['client_s_per_step'] / batched['client_s_per_step']:.1f}x on the client side of the step.")
+    console.print(f"[dim]{datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+                  f"torch {torch.__version__}[/dim]")
+
+
+if __name__ == "__main__":
+    main()

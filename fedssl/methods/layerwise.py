@@ -1,0 +1,280 @@
+"""LW-FedSSL and Prog-FedSSL: federated SSL trained stage by stage (see fedssl/stages.py).
+
+Both are FedAvg of an SSL model (``FedAvgSSL``) whose encoder grows by one
+stage every few rounds. LW-FedSSL trains and exchanges only the newest stage
+(+ heads, the final norm and the stage's adapter); the earlier layers are frozen.
+Prog-FedSSL trains and exchanges every layer built so far.
+
+Server side, after each FedAvg: optional *calibration* (``calibration.aux_fraction``
+> 0): SSL steps of the whole current model on the server's auxiliary unlabeled
+set, held out of the clients' pool by the engine. Client side: optional
+*alignment* (``alignment.weight`` > 0): the local loss adds the distance between
+the local and the received global model's representation of the same images.
+
+Communication is tracked exactly: a client's download holds the active part
+plus every frozen layer whose current server version it has not received yet
+(a late joiner gets all frozen layers; after a stage change everyone gets the
+newly frozen layer once, in its final aggregated version; calibration of the
+whole model makes frozen layers change, and they are sent again).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fedssl.config import RunConfig
+from fedssl.data.datasets import ImageData
+from fedssl.losses import cosine_distance, mse_distance
+from fedssl.methods.base import MethodContext, Payload, build_backbone, measure_ssl_step
+from fedssl.methods.fedavg import FedAvgSSL
+from fedssl.models.encoder import Encoder
+from fedssl.models.momentum import copy_weights, deactivate_requires_grad
+from fedssl.models.ssl import SSL_MODELS, SSLModel
+from fedssl.resources import StepCost
+from fedssl.stages import LayerVersions, Stage, StagedEncoder, StageSchedule, encoder_at, layer_prefixes, select_state
+from fedssl.training import LocalStats, derive_seed, make_optimizer, train_local
+
+DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_distance, "mse": mse_distance}
+
+
+class StagedSSL(SSLModel):
+    """Mixin over an ``SSLModel`` whose ``encoder`` is a ``StagedEncoder``.
+
+    The loss runs the frozen layers ONCE per view (no grad) and hands their output
+    to the objective's own loss, whose online and momentum encoders run only the
+    active layers. Only the active part and the heads are exchanged.
+    """
+
+    encoder: StagedEncoder
+    align_weight: float = 0.0
+    align_distance: str = "cosine"
+
+    def set_stage(self, stage: Stage) -> None:
+        """Online encoder: stage + requires_grad; momentum encoder: the same stage, never trainable."""
+        self.encoder.set_stage(stage)
+        for target, online in self.momentum_pairs:
+            if online == "encoder":
+                getattr(self, target).stage = stage
+        reference = getattr(self, "_reference", None)
+        if reference is not None:
+            reference.stage = stage
+
+    def set_reference(self, reference: StagedEncoder | None) -> None:
+        """The received global encoder (alignment target); a plain attribute, not a submodule (not in state_dict)."""
+        object.__setattr__(self, "_reference", reference)
+
+    def exchanged_prefixes(self) -> tuple[str, ...]:
+        heads = tuple(f"{name}." for name in self.online_names if name != "encoder")
+        return self.encoder.active_prefixes("encoder.") + heads
+
+    def loss(self, view1: Tensor, view2: Tensor) -> Tensor:
+        h1, h2 = self.encoder.trunk(view1), self.encoder.trunk(view2)  # frozen part, shared by both branches
+        reference: StagedEncoder | None = getattr(self, "_reference", None)
+        if not self.align_weight or reference is None:
+            return super().loss(h1, h2)  # type: ignore[safe-super]
+        self.encoder.record = []
+        try:
+            loss = super().loss(h1, h2)  # type: ignore[safe-super]
+            z1, z2 = self.encoder.record[:2]  # the online representations of view 1 and view 2
+        finally:
+            self.encoder.record = None
+        with torch.no_grad():
+            r1, r2 = reference(h1), reference(h2)
+        distance = DISTANCES[self.align_distance]
+        return loss + self.align_weight * 0.5 * (distance(z1, r1) + distance(z2, r2))
+
+    def alignment_term(self, view: Tensor) -> Tensor:
+        """distance(local, reference) on one batch of views (0 when they hold the same weights)."""
+        reference: StagedEncoder = getattr(self, "_reference")
+        h = self.encoder.trunk(view)
+        return DISTANCES[self.align_distance](self.encoder(h), reference(h))
+
+    def held_modules(self) -> list[nn.Module]:
+        """What a client holds at this stage: used layers, norm, adapter, heads, the momentum branch's active part."""
+        encoders = {"encoder"} | {target for target, online in self.momentum_pairs if online == "encoder"}
+        held = self.encoder.held_modules()
+        for target in encoders - {"encoder"}:
+            held += getattr(self, target).active_modules()
+        held += [module for name, module in self.named_children() if name not in encoders]
+        reference = getattr(self, "_reference", None)
+        return held + (reference.active_modules() if reference is not None and self.align_weight else [])
+
+
+_STAGED_CLASSES: dict[str, type[SSLModel]] = {}
+
+
+def build_staged_model(objective: str, backbone: Encoder, schedule: StageSchedule, cfg: RunConfig) -> SSLModel:
+    """``Staged<Objective>``: the objective's SSL model over a ``StagedEncoder``, at the schedule's first stage."""
+    if objective not in _STAGED_CLASSES:
+        base = SSL_MODELS[objective]
+        _STAGED_CLASSES[objective] = type(f"Staged{base.__name__}", (StagedSSL, base), {})
+    model = _STAGED_CLASSES[objective](StagedEncoder(backbone, schedule.stage_ends), cfg.ssl)
+    model.align_weight, model.align_distance = cfg.alignment.weight, cfg.alignment.distance
+    model.set_stage(schedule.stage(0))  # type: ignore[attr-defined]
+    return model
+
+
+def load_subset(model: nn.Module, state: Payload) -> None:
+    """Copy the given entries into ``model``'s state (any subset of its keys)."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))[:3]
+    if unknown:
+        raise ValueError(f"payload keys unknown to the model: {unknown}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
+
+
+class StagedFedSSL(FedAvgSSL):
+    """FedAvg of a stage-wise SSL model; ``mode`` is ``layerwise`` or ``progressive``."""
+
+    mode: ClassVar[str]
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.objective = ctx.cfg.layerwise.objective  # type: ignore[misc]
+        super().__init__(ctx)
+        self.stage = self.schedule.stage(0)
+        self.rounds_entered = 0  # the round whose stage is in force (for encoder() and resume)
+        self.versions = LayerVersions(self.backbone.num_layers())  # who must download which frozen layer
+        self.reference = copy.deepcopy(self.worker.encoder) if ctx.cfg.alignment.weight else None
+        if self.reference is not None:
+            deactivate_requires_grad(self.reference)  # a fixed target: no graph through it
+        self.last_calibration: LocalStats | None = None
+
+    @classmethod
+    def aux_fraction(cls, cfg: RunConfig) -> float:
+        return cfg.calibration.aux_fraction
+
+    # ------------------------------------------------------------ stages
+
+    def build_global_model(self) -> SSLModel:
+        self.backbone = build_backbone(self.ctx)
+        self.schedule = StageSchedule.from_config(self.cfg, self.backbone, mode=self.mode)
+        return build_staged_model(self.objective, self.backbone, self.schedule, self.cfg).to(self.ctx.device)
+
+    def enter_round(self, round_index: int) -> Stage:
+        """Put the server and the worker at the stage of ``round_index``."""
+        stage = self.schedule.at_round(round_index)
+        self.rounds_entered = round_index
+        if stage != self.stage:
+            self.stage = stage
+            for model in (self.global_model, self.worker):
+                model.set_stage(stage)  # type: ignore[attr-defined]
+        return stage
+
+    def local_lr(self, round_index: int) -> float:
+        """Cosine decay WITHIN each stage (a new block starts at the full rate), or constant."""
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * self.schedule.progress(round_index)))
+
+    def _frozen_prefixes(self, layers: range | list[int]) -> tuple[str, ...]:
+        return layer_prefixes("encoder.backbone.", layers)
+
+    # ------------------------------------------------------------ protocol
+
+    def download(self, round_index: int, client_id: int) -> Payload:
+        """The active part, plus the frozen layers whose current version this client lacks."""
+        stage = self.enter_round(round_index)
+        payload = self.global_model.exchanged_state()
+        stale = self.versions.sync(client_id, stage.frozen)
+        if stale:
+            payload.update(select_state(self.global_model.state_dict(), self._frozen_prefixes(stale)))
+        return payload
+
+    def receive(self, worker: SSLModel, payload: Payload, round_index: int) -> None:
+        """Frozen layers: the client's current copy (tracked by ``download``) updated by the payload; then the rest."""
+        stage = self.enter_round(round_index)
+        # The simulated worker is shared by all clients: give it the frozen layers this client holds,
+        # which ``download`` guarantees equal the server's (it sent every stale one in the payload).
+        load_subset(worker, select_state(self.global_model.state_dict(), self._frozen_prefixes(stage.frozen)))
+        exchanged = set(worker.exchanged_state())
+        load_subset(worker, {k: v for k, v in payload.items() if k not in exchanged})
+        worker.load_exchanged_state({k: v for k, v in payload.items() if k in exchanged})
+        worker.start_round()
+        if self.reference is not None:
+            copy_weights(self.reference, worker.encoder)
+            self.reference.stage = stage
+        worker.set_reference(self.reference)  # type: ignore[attr-defined]
+
+    def aggregate(self, round_index: int, results: list) -> None:
+        stage = self.enter_round(round_index)
+        if not any(r.metrics.get("steps", 0) > 0 for r in results):
+            return
+        super().aggregate(round_index, results)
+        self.versions.touch(stage.active)
+        if self.cfg.calibration.aux_fraction > 0 and self.ctx.server_data is not None:
+            self.last_calibration = self.calibrate(round_index)
+
+    def calibrate(self, round_index: int) -> LocalStats:
+        """Server SSL steps on the auxiliary set only: the whole current model (scope model) or the active part."""
+        cal, model, stage = self.cfg.calibration, self.global_model, self.stage
+        trained = stage.end_to_end() if cal.scope == "model" else stage
+        model.set_stage(trained)  # type: ignore[attr-defined]
+        model.start_round()  # momentum branch re-copied from the aggregated model
+        optimizer = make_optimizer(model.trainable_parameters(), self.cfg, cal.lr or self.local_lr(round_index))
+        torch.manual_seed(derive_seed(self.cfg.seed, round_index, 0xCA1))
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, round_index, 0xCA2))
+        steps_cfg = replace(self.cfg, local_steps=cal.steps, batch_size=cal.batch_size or self.cfg.batch_size)
+        model.set_reference(None)  # type: ignore[attr-defined]
+        stats = train_local(model, self.ctx.server_data, self.augment, optimizer, cfg=steps_cfg,
+                            generator=generator, device=self.ctx.device)
+        model.set_stage(stage)  # type: ignore[attr-defined]
+        self.versions.retouch(trained.active)  # part of this round's server update
+        return stats
+
+    def encoder(self) -> Encoder:
+        """The layers built so far (the whole backbone once the last stage has begun)."""
+        return encoder_at(self.global_model.encoder.backbone, self.stage.depth)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "round": self.rounds_entered, "versions": self.versions.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enter_round(int(state["round"]))
+        super().load_state_dict(state)
+        self.versions.load_state_dict(state["versions"])
+
+    # ------------------------------------------------------------ cost
+
+    def measure_stage(self, data: ImageData, stage_index: int) -> StepCost:
+        """One real client step at ``stage_index``, counting only what a client holds at that stage."""
+        worker, current = self.worker, self.stage
+        worker.set_stage(self.schedule.stage(stage_index))  # type: ignore[attr-defined]
+        try:
+            return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, held=lambda m: m.held_modules())  # type: ignore[attr-defined]
+        finally:
+            worker.set_stage(current)  # type: ignore[attr-defined]
+
+    def measure_client_step(self, data: ImageData) -> StepCost:
+        """The larger peak of the first stage (stem + block 1 trained) and the last (most frozen / whole model)."""
+        stages = sorted({0, self.schedule.num_stages - 1})
+        return max((self.measure_stage(data, s) for s in stages), key=lambda cost: cost.peak_training_bytes)
+
+
+class LWFedSSL(StagedFedSSL):
+    name = "lw-fedssl"
+    mode = "layerwise"
+
+
+class ProgFedSSL(StagedFedSSL):
+    name = "prog-fedssl"
+    mode = "progressive"
+
+
+def describe_run(cfg: RunConfig) -> str:
+    """One sentence for a run's report: the stages and whether calibration / alignment were used."""
+    schedule = StageSchedule.from_config(cfg, mode="progressive" if cfg.method == "prog-fedssl" else "layerwise")
+    cal, al = cfg.calibration, cfg.alignment
+    calibration = (f"on ({100 * cal.aux_fraction:g}% of the training split held out for the server, {cal.steps} "
+                   f"steps per round, scope {cal.scope})") if cal.aux_fraction > 0 else "off"
+    alignment = f"on (weight {al.weight:g}, {al.distance} distance)" if al.weight > 0 else "off"
+    return (f"{schedule.num_stages} stages of {cfg.layerwise.blocks_per_stage} block(s), rounds per stage "
+            f"{list(schedule.stage_rounds)}, objective {cfg.layerwise.objective}; server calibration {calibration}; "
+            f"representation alignment {alignment}.")

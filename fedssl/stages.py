@@ -1,0 +1,353 @@
+"""Stage-wise training of an encoder: ONE mechanism for LW-FedSSL, Prog-FedSSL and FedMAE's cascade.
+
+An encoder is an ordered list of layers ``[stem, block1, ..., blockD]`` (see
+``fedssl.models.encoder``). A *unit* is what one stage step adds: a transformer
+block (ViT) or a whole ResNet stage (``ResNet.stage_ends``). A schedule groups
+``blocks_per_stage`` units into a stage and gives each stage some rounds.
+
+At stage ``s`` (0-based) the model uses ``layers[:depth]``; of these
+
+- ``layers[first_active:depth]`` are *active*: trained, and exchanged each round;
+- ``layers[:first_active]`` are *frozen*: forward only under ``torch.no_grad()``
+  (no activations kept, no grads, no optimizer state, eval mode);
+- ``layers[depth:]`` are *unbuilt*: not used, not held by a client, not sent.
+
+``mode="layerwise"`` (LW-FedSSL, FedMAE): ``first_active`` = where the stage's
+new units begin. ``mode="progressive"`` (Prog-FedSSL): ``first_active = 0``.
+
+Decisions (documented here, tested in tests/methods/test_layerwise.py):
+
+- the stem / patch embedding (``layers[0]``) trains with the first stage and is
+  frozen afterwards, like block 1;
+- the ViT's final LayerNorm (``encoder.norm``, used by ``pool``) belongs to the
+  head side: it is active (trained and exchanged) in EVERY stage, so the pooled
+  features of whichever block is last are normalised by a trained norm;
+- ResNet stages have different widths: each schedule stage owns a linear adapter
+  from its output width to the head input width (the encoder's final width;
+  ``nn.Identity`` where they already agree, e.g. every ViT stage and the last
+  ResNet stage). The adapter is active with its stage only (it travels with it)
+  and is dropped from use afterwards.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedssl.config import RunConfig
+from fedssl.errors import ConfigError
+from fedssl.models.encoder import Encoder
+
+MODES = ("layerwise", "progressive")
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``layers[:first_active]`` frozen, ``layers[first_active:depth]`` active."""
+
+    index: int  # 0-based stage number
+    depth: int  # number of encoder layers used
+    first_active: int  # first trained / exchanged layer
+
+    @property
+    def active(self) -> range:
+        return range(self.first_active, self.depth)
+
+    @property
+    def frozen(self) -> range:
+        return range(0, self.first_active)
+
+    def end_to_end(self) -> Stage:
+        """The same depth with every used layer active (server calibration, Prog-FedSSL)."""
+        return Stage(self.index, self.depth, 0)
+
+
+def unit_ends(encoder: Encoder) -> list[int]:
+    """Layer index after each unit: ResNet stage ends, or one per ViT block (the stem rides with the first)."""
+    ends = getattr(encoder, "stage_ends", None)
+    if ends is not None:
+        return [int(k) for k in ends]
+    return list(range(2, encoder.num_layers() + 1))
+
+
+def count_units(cfg: RunConfig) -> int:
+    """Units of the configured backbone without building it: ViT blocks or ResNet stages."""
+    return cfg.model.depth if cfg.model.arch == "vit" else len(cfg.model.blocks_per_stage)
+
+
+def stage_rounds(cfg: RunConfig, num_stages: int) -> tuple[int, ...]:
+    """Rounds of each stage from ``layerwise.schedule`` / ``rounds_per_stage`` / an even split of ``rounds``."""
+    lw = cfg.layerwise
+    if lw.schedule:
+        if len(lw.schedule) != num_stages or min(lw.schedule) < 1:
+            raise ConfigError(f"config key 'layerwise.schedule': needs {num_stages} positive round counts "
+                              f"(one per stage), got {list(lw.schedule)}; fix the list or set it to []")
+        rounds = tuple(lw.schedule)
+    elif lw.rounds_per_stage:
+        rounds = (lw.rounds_per_stage,) * num_stages
+    else:
+        if cfg.rounds < num_stages:
+            raise ConfigError(f"config key 'rounds': {cfg.rounds} rounds cannot cover {num_stages} stages; "
+                              f"set rounds >= {num_stages}")
+        base, extra = divmod(cfg.rounds, num_stages)
+        rounds = tuple(base + (1 if s < extra else 0) for s in range(num_stages))
+    if sum(rounds) != cfg.rounds:
+        raise ConfigError(f"config key 'rounds': {cfg.rounds} differs from the stage schedule's {sum(rounds)} "
+                          f"({num_stages} stages x rounds {list(rounds)}); set rounds = {sum(rounds)}")
+    return rounds
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """Which layers are active / frozen / unbuilt in each round.
+
+    ``stage_ends[s]``: layers used by stage s; ``stage_rounds[s]``: its rounds.
+    """
+
+    stage_ends: tuple[int, ...]
+    stage_rounds: tuple[int, ...]
+    mode: str = "layerwise"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown stage mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if len(self.stage_ends) != len(self.stage_rounds) or not self.stage_ends:
+            raise ConfigError("a stage schedule needs one round count per stage; fix layerwise.schedule")
+        if list(self.stage_ends) != sorted(set(self.stage_ends)) or self.stage_ends[0] < 1:
+            raise ConfigError(f"stage ends {self.stage_ends} must increase strictly from >= 1")
+
+    @classmethod
+    def build(cls, ends_of_units: Sequence[int], blocks_per_stage: int, rounds: Sequence[int] | None = None, *,
+              cfg: RunConfig | None = None, mode: str = "layerwise") -> StageSchedule:
+        """Group units into stages (the last may be shorter); rounds given, or from cfg (see ``stage_rounds``)."""
+        if blocks_per_stage < 1:
+            raise ConfigError("config key 'layerwise.blocks_per_stage': must be >= 1")
+        ends = tuple(ends_of_units[min(i + blocks_per_stage, len(ends_of_units)) - 1]
+                     for i in range(0, len(ends_of_units), blocks_per_stage))
+        if rounds is None:
+            if cfg is None:
+                raise ValueError("pass the rounds of each stage or a config")
+            rounds = stage_rounds(cfg, len(ends))
+        return cls(ends, tuple(int(r) for r in rounds), mode)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, encoder: Encoder | None = None, *, mode: str = "layerwise") -> StageSchedule:
+        """The schedule of a run; without an encoder, ViT/ResNet unit ends are derived from ``cfg.model``."""
+        if encoder is not None:
+            ends = unit_ends(encoder)
+        elif cfg.model.arch == "vit":
+            ends = list(range(2, cfg.model.depth + 2))
+        else:
+            ends = list(_accumulate(cfg.model.blocks_per_stage, start=1))
+        return cls.build(ends, cfg.layerwise.blocks_per_stage, cfg=cfg, mode=mode)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ends)
+
+    @property
+    def total_rounds(self) -> int:
+        return sum(self.stage_rounds)
+
+    def first_round(self, stage: int) -> int:
+        """Round index (0-based) at which ``stage`` begins."""
+        return sum(self.stage_rounds[:stage])
+
+    def stage_index(self, round_index: int) -> int:
+        """The stage of a round (rounds past the end stay in the last stage)."""
+        starts = [self.first_round(s) for s in range(self.num_stages)]
+        return max(0, bisect.bisect_right(starts, round_index) - 1)
+
+    def stage(self, index: int) -> Stage:
+        depth = self.stage_ends[index]
+        first = 0 if (self.mode == "progressive" or index == 0) else self.stage_ends[index - 1]
+        return Stage(index, depth, first)
+
+    def at_round(self, round_index: int) -> Stage:
+        return self.stage(self.stage_index(round_index))
+
+    def last(self) -> Stage:
+        return self.stage(self.num_stages - 1)
+
+    def progress(self, round_index: int) -> float:
+        """Fraction of its stage done before ``round_index``: 0 at a stage's first round (per-stage LR schedule)."""
+        s = self.stage_index(round_index)
+        return (round_index - self.first_round(s)) / self.stage_rounds[s]
+
+
+def _accumulate(values: Iterable[int], start: int) -> Iterator[int]:
+    total = start
+    for v in values:
+        total += int(v)
+        yield total
+
+
+# ---------------------------------------------------------------- who holds which version of a layer
+
+
+class LayerVersions:
+    """Which layers a client must download: the server's version of each layer vs the client's last sync.
+
+    ``touch(layers)`` records one server update that changed ``layers``; ``sync(client, layers)``
+    returns those of ``layers`` changed since the client's last sync (all of them for a client
+    that never synced: a late joiner) and marks it synced. Sparse in clients (10,000 is cheap).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.version = 0  # server updates so far
+        self.layer_version = [0] * num_layers  # update at which each layer last changed
+        self.client_version: dict[int, int] = {}  # server version at a client's last download
+
+    def touch(self, layers: Iterable[int]) -> None:
+        self.version += 1
+        for i in layers:
+            self.layer_version[i] = self.version
+
+    def retouch(self, layers: Iterable[int]) -> None:
+        """More layers changed in the CURRENT update (e.g. server calibration after the aggregation)."""
+        for i in layers:
+            self.layer_version[i] = self.version
+
+    def sync(self, client: int, layers: Iterable[int]) -> list[int]:
+        have = self.client_version.get(client, -1)
+        self.client_version[client] = self.version
+        return [i for i in layers if self.layer_version[i] > have]
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        clients = sorted(self.client_version)
+        return {"version": self.version, "layer_version": torch.tensor(self.layer_version, dtype=torch.int64),
+                "client_ids": torch.tensor(clients, dtype=torch.int64),
+                "client_versions": torch.tensor([self.client_version[c] for c in clients], dtype=torch.int64)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.version = int(state["version"])
+        self.layer_version = [int(v) for v in state["layer_version"]]
+        self.client_version = dict(zip(state["client_ids"].tolist(), state["client_versions"].tolist()))
+
+
+# ---------------------------------------------------------------- helpers on an encoder
+
+
+def layer_prefixes(prefix: str, layers: Iterable[int]) -> tuple[str, ...]:
+    """State-dict key prefixes of the given layers, e.g. ``("encoder.backbone.layers.3.",)``."""
+    return tuple(f"{prefix}layers.{i}." for i in layers)
+
+
+def select_state(state: Mapping[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
+    """The entries of a state dict whose key starts with one of ``prefixes`` (the payload of some layers)."""
+    prefixes = tuple(prefixes)
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def set_trainable(modules: Iterable[nn.Module], trainable: bool) -> None:
+    """Toggle ``requires_grad``; freezing also drops any gradient left from training (memory a client frees)."""
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
+
+
+def forward_frozen(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
+    """``layers[:first_active]`` in eval mode under ``torch.no_grad()``: (N, C, H, W) -> the first active input."""
+    frozen = encoder.layers[: stage.first_active]
+    for layer in frozen:
+        layer.train(False)  # BatchNorm of a frozen layer must not update its statistics
+    with torch.no_grad():
+        return encoder.run_layers(x, 0, stage.first_active)
+
+
+def forward_staged(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
+    """Frozen layers without autograd, then the active ones with it: (N, C, H, W) -> output of layer depth-1."""
+    return encoder.run_layers(forward_frozen(encoder, x, stage), stage.first_active, stage.depth)
+
+
+def make_adapter(in_dim: int, out_dim: int) -> nn.Module:
+    """Temporary head-side adapter of a stage: identity where widths agree, else a linear map (N, in) -> (N, out)."""
+    return nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim)
+
+
+class StagedEncoder(nn.Module):
+    """A backbone trained stage by stage; ``forward`` takes the FROZEN part's output (see ``trunk``).
+
+    ``trunk(x)``: the frozen layers (no grad) -> h; ``forward(h)``: active layers, pool and the
+    stage's adapter -> (N, feature_dim). Splitting the two lets the online and the momentum
+    branch share ONE frozen forward per view (they hold the same frozen weights by construction).
+    While ``record`` is a list, every output of ``forward`` is appended to it (alignment reuses them).
+    """
+
+    def __init__(self, backbone: Encoder, stage_ends: Sequence[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        dims = backbone.layer_dims()
+        self.feature_dim = backbone.feature_dim
+        self.adapters = nn.ModuleList(make_adapter(dims[end - 1], self.feature_dim) for end in stage_ends)
+        self.stage = Stage(0, stage_ends[0], 0)
+        self.record: list[Tensor] | None = None
+
+    def set_stage(self, stage: Stage) -> None:
+        """Use ``stage``: only its active layers, the final norm and its adapter require grad."""
+        self.stage = stage
+        set_trainable([self.backbone, self.adapters], False)
+        set_trainable([self.backbone.layers[i] for i in stage.active], True)
+        set_trainable([self.backbone.norm, self.adapters[stage.index]], True)
+
+    def trunk(self, x: Tensor) -> Tensor:
+        return forward_frozen(self.backbone, x, self.stage)
+
+    def forward(self, h: Tensor) -> Tensor:
+        s = self.stage
+        z = self.adapters[s.index](self.backbone.pool(self.backbone.run_layers(h, s.first_active, s.depth)))
+        if self.record is not None:
+            self.record.append(z)
+        return z  # (N, feature_dim)
+
+    def active_prefixes(self, prefix: str) -> tuple[str, ...]:
+        """Key prefixes of what is trained and exchanged now: active layers, final norm, the stage's adapter."""
+        s = self.stage
+        return layer_prefixes(prefix + "backbone.", s.active) + (f"{prefix}backbone.norm.",
+                                                                 f"{prefix}adapters.{s.index}.")
+
+    def held_modules(self) -> list[nn.Module]:
+        """What a client holds at this stage: the used layers, the norm and the stage's adapter."""
+        return [*self.backbone.layers[: self.stage.depth], self.backbone.norm, self.adapters[self.stage.index]]
+
+    def active_modules(self) -> list[nn.Module]:
+        """The trained part at this stage: active layers, the norm and the stage's adapter."""
+        s = self.stage
+        return [*(self.backbone.layers[i] for i in s.active), self.backbone.norm, self.adapters[s.index]]
+
+
+class TruncatedEncoder(Encoder):
+    """The first ``depth`` layers of a backbone as an ``Encoder`` (shared modules): images -> pooled (N, D_depth).
+
+    What a staged run evaluates before its last stage; ``pool`` is the backbone's own.
+    """
+
+    def __init__(self, backbone: Encoder, depth: int) -> None:
+        dims = backbone.layer_dims()[:depth]
+        super().__init__(list(backbone.layers[:depth]), dims, feature_dim=dims[-1], norm=backbone.norm)
+        object.__setattr__(self, "_pool", backbone.pool)  # a bound method, not a submodule
+
+    def pool(self, h: Tensor) -> Tensor:
+        return self._pool(h)
+
+
+def encoder_at(backbone: Encoder, depth: int) -> Encoder:
+    """The backbone itself when every layer is used, else its first ``depth`` layers."""
+    return backbone if depth >= backbone.num_layers() else TruncatedEncoder(backbone, depth)
+
+
+__all__ = [
+    "LayerVersions", "MODES", "Stage", "StageSchedule", "StagedEncoder", "TruncatedEncoder", "count_units", "encoder_at",
+    "forward_frozen", "forward_staged", "layer_prefixes", "make_adapter", "select_state", "set_trainable",
+    "stage_rounds", "unit_ends",
+]
