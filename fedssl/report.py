@@ -16,7 +16,7 @@ import numpy as np
 
 from fedssl.config import RunConfig, dumps_toml, to_dict
 from fedssl.io import atomic_write_text
-from fedssl.resources import DOWNLOAD, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
+from fedssl.resources import DOWNLOAD, SERVER_STEP_COST, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
 from fedssl.errors import FedSSLError
 from fedssl.run_dir import RunOutcome, open_run_dir, read_jsonl
 
@@ -37,8 +37,6 @@ class ClientCost:
     max_total_per_client: float
     server_flops_per_image: float | None = None  # split methods: what the server computes per image
 
-
-SERVER_STEP_COST = "server_step_cost"
 
 
 def client_cost(ledger: Ledger) -> ClientCost | None:
@@ -159,6 +157,10 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
             f"(alpha {cfg.alpha}), {cfg.rounds} rounds, sample fraction {cfg.sample_fraction}, "
             f"backbone `{cfg.model.arch}` width {cfg.model.width}, seed {cfg.seed}. "
             "Accuracies are of the FINAL encoder (no selection on the test split).\n\n")
+    from fedssl.methods import METHODS  # here: the registry imports every method
+
+    described = METHODS[cfg.method].describe(cfg)
+    head += f"{described}\n\n" if described else ""
     plots = "## Curves\n\n![loss](plots/loss.png) ![kNN](plots/knn.png)\n\n"
     config = ("## Config\n\n<details><summary>the resolved config of this run (config.toml)</summary>\n\n"
               "```toml\n" + dumps_toml(to_dict(cfg)) + "```\n\n</details>\n")

@@ -51,6 +51,7 @@ __all__ = [
 UPLOAD = "upload"
 DOWNLOAD = "download"
 STEP_COST = "step_cost"
+SERVER_STEP_COST = "server_step_cost"  # split methods: the server's part of a step
 
 
 # ---------------------------------------------------------------------------

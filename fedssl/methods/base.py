@@ -67,6 +67,11 @@ class Method(ABC):
         """Share of the training split the server keeps for itself (removed from the clients' pool)."""
         return 0.0
 
+    @classmethod
+    def describe(cls, cfg: RunConfig) -> str:
+        """A sentence for the run's report on the method's own settings ("" = nothing to add)."""
+        return ""
+
     @abstractmethod
     def encoder(self) -> Encoder:
         """The current global encoder (what is evaluated and exported)."""

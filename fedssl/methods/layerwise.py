@@ -151,6 +151,10 @@ class StagedFedSSL(FedAvgSSL):
     def aux_fraction(cls, cfg: RunConfig) -> float:
         return cfg.calibration.aux_fraction
 
+    @classmethod
+    def describe(cls, cfg: RunConfig) -> str:
+        return describe_run(cfg)
+
     # ------------------------------------------------------------ stages
 
     def build_global_model(self) -> SSLModel:

@@ -62,10 +62,9 @@ from fedssl.models.momentum import deactivate_requires_grad, ema_update
 from fedssl.models.ssl import NegativeQueue
 from fedssl.models.stacked import (Stack, batched_forward, broadcast_, gather, scatter_, stack_mean, stack_module,
                                    stacked_ema_, stacked_sgd_step_, to_stacked, unstack, zeros_like_stack)
-from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, StepCost, measure_step, payload_bytes, tensor_bytes
+from fedssl.resources import DOWNLOAD, SERVER_STEP_COST, UPLOAD, Ledger, StepCost, measure_step, payload_bytes, tensor_bytes
 from fedssl.training import derive_seed, make_optimizer, round_lr
 
-SERVER_STEP_COST = "server_step_cost"
 AUTO_SERVER_BATCH = 100  # auto_adjust: images per server step the reference scripts aim at
 AUTO_SYNC_EVERY = 50
 
