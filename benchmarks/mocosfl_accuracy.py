@@ -128,10 +128,10 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 def verdict(rows: list[dict[str, Any]]) -> str:
     by = {r["key"]: r for r in rows}
-    gap = 100 * (by["centralized"]["knn"] - by["mocosfl"]["knn"])
+    gap = 100 * (by["mocosfl"]["knn"] - by["centralized"]["knn"])
     lead = 100 * (by["mocosfl"]["knn"] - by["fedmoco"]["knn"])
-    return (f"MocoSFL kNN is {gap:+.2f} points below centralized (goal: within 3) "
-            f"[{'met' if gap <= 3 else 'NOT met'}] and {lead:+.2f} points above FedMoCo (goal: above) "
+    return (f"kNN: MocoSFL - centralized = {gap:+.2f} points (goal: within 3 points) "
+            f"[{'met' if abs(gap) <= 3 else 'NOT met'}]; MocoSFL - FedMoCo = {lead:+.2f} points (goal: > 0) "
             f"[{'met' if lead > 0 else 'NOT met'}].")
 
 
@@ -166,7 +166,7 @@ def main() -> None:
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
     parser.add_argument("--runs", default=str(REPO / "runs" / "mocosfl_accuracy"), help="where the run directories go")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=max(200, Console().width))
     if not (Path(args.data_dir) / "cifar-10-batches-py" / "data_batch_1").is_file():
         raise SystemExit(f"no CIFAR-10 under {args.data_dir}: pass --data-dir with the folder holding cifar-10-batches-py")
     rows = []

@@ -7,7 +7,7 @@ with the SAME server batch (default 1,000 images per step): centralized MoCo v2 
 MocoSFL with 10 clients x 100 images, 100 x 10 and 1,000 x 1, all clients of a step in one batched
 call on stacked weights; and MocoSFL with 1,000 x 1 simulated one client after another
 (``split.simulate = "loop"``, the same maths). Each setting runs in its own subprocess (so its peak
-resident memory, ru_maxrss, is its own): one warm-up round, then one timed round of ``--steps`` steps.
+resident memory, ru_maxrss, is its own): one warm-up step, then one timed round of ``--steps`` steps.
 Printed side by side: images/s, the ratio to centralized, the seconds per step spent in the client
 side of the simulation (client forward + client update) and in the server step, and peak memory.
 """
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "cifar10" / "mocosfl.toml"
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def settings(server_batch: int) -> list[tuple[str, list[str]]]:
@@ -76,8 +78,16 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
         method.client_forward = _timed(method.client_forward, totals, "client")
         method.client_update = _timed(method.client_update, totals, "client")
         method.server_step = _timed(method.server_step, totals, "server")
-    # rounds 1 and 2: round 0 would also measure the server step under the profiler
-    run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
+    # warm-up: one step (oneDNN builds its kernels for each new shape); rounds 1 and 2 because round 0
+    # would also measure the server step under the profiler
+    if cfg.method == "mocosfl":
+        method.split = replace(method.split, sync_every=1)
+        run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
+        method.split = replace(method.split, sync_every=steps)
+    else:
+        method.cfg = replace(cfg, local_steps=1)
+        run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
+        method.cfg = cfg
     totals.clear()
     start = time.perf_counter()
     row = run_round(method, fed, cfg, 2, Ledger(rows=[]), SilentObserver())
@@ -108,14 +118,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
     parser.add_argument("--server-batch", type=int, default=1000, help="images per server step in every setting")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after a warm-up round)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print("RESULT " + json.dumps(child(json.loads(args.child), args.steps, args.threads)))
         return
-    console = Console()
+    console = Console(width=max(160, Console().width))
     rows = []
     for label, overrides in settings(args.server_batch):
         console.print(f"[dim]measuring {label} ...[/dim]")
@@ -124,7 +134,7 @@ def main() -> None:
     base = rows[0]["images_per_s"]
     loop = rows[-1]["images_per_s"]
     table = Table(title=f"MocoSFL simulation speed: ResNet-18 width 16 (GroupNorm), cut 1, server batch "
-                        f"{args.server_batch}, {args.threads} threads; {args.steps} timed steps after a warm-up round")
+                        f"{args.server_batch}, {args.threads} threads; {args.steps} timed steps after a warm-up step")
     for col in ("setting", "images/s", "vs centralized", "vs per-client loop", "client side s/step",
                 "server s/step", "peak memory (RSS)"):
         table.add_column(col, justify="left" if col == "setting" else "right")
@@ -136,11 +146,31 @@ def main() -> None:
                       fmt_bytes(r["peak_rss_bytes"]))
     console.print(table)
     batched, looped = rows[3], rows[4]
-    console.print(f"1,000 clients, batched: {batched['images_per_s'] / base:.2f}x centralized images/s; "
-                  f"{batched['images_per_s'] / looped['images_per_s']:.1f}x the per-client loop overall, "
-                  f"{looped['client_s_per_step'] / batched['client_s_per_step']:.1f}x on the client side of the step.")
-    console.print(f"[dim]{datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-                  f"torch {torch.__version__}[/dim]")
+    summary = (f"1,000 clients, batched: {batched['images_per_s'] / base:.2f}x centralized images/s; "
+               f"{batched['images_per_s'] / looped['images_per_s']:.1f}x the per-client loop overall, "
+               f"{looped['client_s_per_step'] / batched['client_s_per_step']:.1f}x on the client side of the step.")
+    machine = (f"{datetime.date.today().isoformat()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPU "
+               f"cores, torch {torch.__version__}, {args.threads} threads")
+    console.print(summary)
+    console.print(f"[dim]{machine}[/dim]")
+    write_markdown(rows, table.title, summary, machine, RESULTS / "mocosfl_speed.md")
+    console.print(f"written: {RESULTS / 'mocosfl_speed.md'}")
+
+
+def write_markdown(rows: list[dict[str, Any]], title: Any, summary: str, machine: str, path: Path) -> None:
+    base, loop = rows[0]["images_per_s"], rows[-1]["images_per_s"]
+    cols = ("setting", "images/s", "vs centralized", "vs per-client loop", "client side s/step", "server s/step",
+            "peak memory (RSS)")
+    lines = [f"# {title}", "", f"Measured {machine} by `python benchmarks/mocosfl_speed.py`.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        client = "—" if r["client_s_per_step"] is None else f"{r['client_s_per_step']:.3f}"
+        server = "—" if r["server_s_per_step"] is None else f"{r['server_s_per_step']:.3f}"
+        lines.append(f"| {r['setting']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
+                     f"{r['images_per_s'] / loop:.2f}x | {client} | {server} | {fmt_bytes(r['peak_rss_bytes'])} |")
+    lines += ["", summary, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
