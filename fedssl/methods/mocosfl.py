@@ -277,7 +277,7 @@ class MocoSFL(SplitMethod):
     # -------------------------------------------------------------- the four pieces of a step
 
     def client_forward(self, online: Stack, momentum: Stack, view1: Tensor, view2: Tensor) -> tuple[Tensor, Tensor]:
-        """Views (n, B, C, H, W) of n clients -> query activations online(x1) with grad, key activations momentum(x2)."""
+        """Views (n, B, C, H, W) of n clients -> query activations online(x1) (with grad), keys momentum(x2)."""
         query = batched_forward(self.client_template, online, view1)
         with torch.no_grad():
             key = batched_forward(self.client_template, momentum, view2)

@@ -180,20 +180,24 @@ class _StackedConv2dFunction(torch.autograd.Function):
         cols, ho, wo = _im2col(x, c, k, stride, padding)  # (C, B*Ho*Wo, k*k*Cin)
         w = weight.permute(0, 3, 4, 2, 1).reshape(c, k * k * cin, cout)  # (C, k*k*Cin, Cout)
         out = torch.bmm(cols, w)  # (C, B*Ho*Wo, Cout)
-        ctx.save_for_backward(x, weight)
+        # keep the columns for the weight gradient when they are small (few input channels, e.g. the stem),
+        # else recompute them in backward
+        keep = ctx.needs_input_grad[1] and cols.numel() <= 9 * x.numel()
+        ctx.save_for_backward(x, weight, cols if keep else None)
         ctx.conv = (stride, padding, ho, wo)
         return out.view(x.shape[0], ho, wo, cout).permute(0, 3, 1, 2)  # (C*B, Cout, Ho, Wo), channels_last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        x, weight, cols = ctx.saved_tensors
         stride, padding, ho, wo = ctx.conv
         c, _ = _clients_and_batch(x, weight)
         _, cout, cin, k, _ = weight.shape
         g = grad_out.permute(0, 2, 3, 1).reshape(c, -1, cout)  # (C, B*Ho*Wo, Cout)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            cols, _, _ = _im2col(x, c, k, stride, padding)
+            if cols is None:
+                cols, _, _ = _im2col(x, c, k, stride, padding)
             gw = torch.bmm(cols.transpose(1, 2), g)  # (C, k*k*Cin, Cout)
             grad_w = gw.view(c, k, k, cin, cout).permute(0, 4, 3, 1, 2).contiguous()
         if ctx.needs_input_grad[0]:
@@ -203,7 +207,7 @@ class _StackedConv2dFunction(torch.autograd.Function):
 
 
 def standardize_weight(weight: Tensor, eps: float) -> Tensor:
-    """Weight standardisation of stacked conv weights (C, Cout, Cin, k, k): each client's output channel to mean 0, std 1."""
+    """Weight standardisation of stacked weights (C, Cout, Cin, k, k): each client's output channel to mean 0, std 1."""
     mean = weight.mean(dim=(2, 3, 4), keepdim=True)
     var = weight.var(dim=(2, 3, 4), keepdim=True, unbiased=False)
     return (weight - mean) / torch.sqrt(var + eps)
@@ -245,9 +249,12 @@ class StackedGroupNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.weight.shape[0]
-        h = F.group_norm(x, self.num_groups, eps=self.eps).unflatten(0, (c, -1))  # (C, B, ch, H, W)
-        shape = (c, 1, -1) + (1,) * (h.ndim - 3)
-        return torch.addcmul(self.bias.view(shape), h, self.weight.view(shape)).flatten(0, 1)
+        h = F.group_norm(x, self.num_groups, eps=self.eps)  # (C*B, ch, H, W)
+        per_image = x.shape[0] // c
+        shape = (x.shape[0], -1) + (1,) * (x.ndim - 2)
+        weight = self.weight.repeat_interleave(per_image, dim=0).view(shape)  # (C*B, ch, 1, 1)
+        bias = self.bias.repeat_interleave(per_image, dim=0).view(shape)
+        return torch.addcmul(bias, h, weight)  # a fresh (C*B, ...) tensor: in-place ReLU after it stays cheap
 
 
 _STACKED_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
