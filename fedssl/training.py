@@ -18,7 +18,7 @@ from fedssl.data.datasets import ImageData
 from fedssl.errors import DivergedError
 from fedssl.models.ssl import SSLModel
 
-Augment = Callable[[Tensor], tuple[Tensor, Tensor]]
+Augment = Callable[[Tensor], tuple[Tensor, ...]]  # uint8 batch -> the views the model's loss takes
 
 
 def derive_seed(*parts: int) -> int:
@@ -83,9 +83,9 @@ class LocalStats:
 
 
 def ssl_step(model: SSLModel, optimizer: torch.optim.Optimizer, images: Tensor, augment: Augment) -> float:
-    """One SSL step on a uint8 batch (N, C, H, W): two views, loss, backward, update, EMA."""
-    view1, view2 = augment(images)
-    loss = model.loss(view1, view2)
+    """One SSL step on a uint8 batch (N, C, H, W): views (two for contrastive objectives, one for MAE), loss,
+    backward, update, EMA."""
+    loss = model.loss(*augment(images))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -124,9 +124,10 @@ class MaskedViewAugment(nn.Module):
         self.normalize = Normalize(mean, std)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) uint8 or float [0, 1] -> (N, C, S, S) normalised float."""
-        return self.normalize(self.view(to_float(images)))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        """(N, C, H, W) uint8 or float [0, 1] -> a 1-tuple of (N, C, S, S) normalised float (one view, like
+        ``TwoViewAugment``'s pair: a training step calls ``model.loss(*views)``)."""
+        return (self.normalize(self.view(to_float(images))),)
 
 
 class EvalTransform(nn.Module):

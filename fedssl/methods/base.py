@@ -23,7 +23,7 @@ from fedssl.data.datasets import DatasetInfo, ImageData
 from fedssl.models.encoder import Encoder, build_encoder
 from fedssl.models.ssl import SSLModel, build_ssl_model
 from fedssl.resources import Ledger, StepCost, measure_step
-from fedssl.training import derive_seed, make_optimizer, ssl_step
+from fedssl.training import Augment, derive_seed, make_optimizer, ssl_step
 
 Payload = dict[str, Tensor]
 
@@ -148,16 +148,16 @@ def seed_client(cfg: RunConfig, round_index: int, client_id: int) -> torch.Gener
     return torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client_id, 0))
 
 
-def measure_ssl_step(model: SSLModel, data: ImageData, ctx: MethodContext, lr: float,
+def measure_ssl_step(model: SSLModel, data: ImageData, ctx: MethodContext, lr: float, augment: Augment,
                      held: Callable[[SSLModel], list[nn.Module]] | None = None) -> StepCost:
     """One real SSL step of a *copy* of model on the first batch of data, measured; RNG state untouched.
 
-    ``held(copy)`` names the modules a client really holds (default: the whole model).
+    ``augment`` makes the views the model's loss takes; ``held(copy)`` names the modules a client
+    really holds (default: the whole model).
     """
     probe = copy.deepcopy(model)
     probe.train()
     optimizer = make_optimizer(probe.trainable_parameters(), ctx.cfg, lr)
-    augment = build_augment(ctx)
     images = data.images[: min(ctx.cfg.batch_size, len(data))].to(ctx.device)
     modules = held(probe) if held is not None else [probe]
     with torch.random.fork_rng(devices=[]):

@@ -57,4 +57,4 @@ class Centralized(FederatedMethod):
         self.optimizer.load_state_dict(state["optimizer"])
 
     def measure_client_step(self, data: ImageData) -> StepCost:
-        return measure_ssl_step(self.model, data, self.ctx, self.cfg.lr)
+        return measure_ssl_step(self.model, data, self.ctx, self.cfg.lr, self.augment)

@@ -20,7 +20,7 @@ from fedssl.methods.base import (ClientResult, FederatedMethod, MethodContext, P
 from fedssl.models.encoder import Encoder
 from fedssl.models.ssl import SSLModel
 from fedssl.resources import StepCost
-from fedssl.training import make_optimizer, round_lr, train_local
+from fedssl.training import Augment, make_optimizer, round_lr, train_local
 
 
 class FedAvgSSL(FederatedMethod):
@@ -33,11 +33,15 @@ class FedAvgSSL(FederatedMethod):
         torch.manual_seed(ctx.cfg.seed)
         self.global_model = self.build_global_model()
         self.worker = copy.deepcopy(self.global_model)  # one client model, reused by every simulated client
-        self.augment = build_augment(ctx)
+        self.augment = self.build_augment()
 
     def build_global_model(self) -> SSLModel:
         """The server's SSL model (subclasses may wrap the backbone, e.g. stage by stage)."""
         return build_model(self.ctx, self.objective)
+
+    def build_augment(self) -> Augment:
+        """The views a local step feeds the model's loss (two SSL views here; one masked view for MAE)."""
+        return build_augment(self.ctx)
 
     def receive(self, worker: SSLModel, payload: Payload, round_index: int) -> None:
         """Client side, before local training: load the download, reset local state (momentum re-copy)."""
@@ -77,7 +81,7 @@ class FedAvgSSL(FederatedMethod):
         self.global_model.load_state_dict(state["global_model"])
 
     def measure_client_step(self, data: ImageData) -> StepCost:
-        return measure_ssl_step(self.worker, data, self.ctx, self.cfg.lr)
+        return measure_ssl_step(self.worker, data, self.ctx, self.cfg.lr, self.augment)
 
 
 class FedMoCo(FedAvgSSL):

@@ -252,7 +252,8 @@ class StagedFedSSL(FedAvgSSL):
         worker, current = self.worker, self.stage
         worker.set_stage(self.schedule.stage(stage_index))  # type: ignore[attr-defined]
         try:
-            return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, held=lambda m: m.held_modules())  # type: ignore[attr-defined]
+            return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, self.augment,
+                                    held=lambda m: m.held_modules())  # type: ignore[attr-defined]
         finally:
             worker.set_stage(current)  # type: ignore[attr-defined]
 

@@ -77,7 +77,7 @@ def test_one_channel_input() -> None:
     images = _images(channels=1, size=28)
     first, second = TwoViewAugment(28, (0.286,), (0.353,), channels=1)(images)
     assert first.shape == second.shape == (16, 1, 28, 28)
-    assert MaskedViewAugment(28, (0.286,), (0.353,), channels=1)(images).shape == (16, 1, 28, 28)
+    assert MaskedViewAugment(28, (0.286,), (0.353,), channels=1)(images)[0].shape == (16, 1, 28, 28)
     with pytest.raises(ConfigError, match="channels"):
         TwoViewAugment(28, (0.286,), (0.353,), channels=3)
 
@@ -93,7 +93,7 @@ def test_byol_views_are_asymmetric() -> None:
 def test_masked_view_and_eval_resize() -> None:
     images = _images()
     mean, std = _stats(images)
-    assert MaskedViewAugment(48, mean, std)(images).shape == (16, 3, 48, 48)
+    assert MaskedViewAugment(48, mean, std)(images)[0].shape == (16, 3, 48, 48)
     same = EvalTransform(32, mean, std)(images)
     assert torch.allclose(same, Normalize(mean, std)(to_float(images)))  # no resize when not needed
     assert EvalTransform(64, mean, std)(images).shape == (16, 3, 64, 64)
