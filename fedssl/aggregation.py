@@ -31,3 +31,25 @@ def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[floa
             acc.add_(state[key].to(torch.float64), alpha=float(w) / total)
         out[key] = acc.to(first.dtype)
     return out
+
+
+def check_upload(upload: dict[str, Tensor], expected: dict[str, Tensor], num_samples: int) -> str | None:
+    """Why a client's upload must not be averaged in (None = it fits).
+
+    It must hold exactly the keys of ``expected`` (the server's own tensors of that round), each
+    with the same shape and dtype, every floating value finite, and a non-negative sample count
+    (the FedAvg weight). A reply from another model, a corrupt one, or one with NaN/inf is refused.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        return f"its sample count {num_samples!r} is not a non-negative integer"
+    missing, extra = sorted(set(expected) - set(upload)), sorted(set(upload) - set(expected))
+    if missing or extra:
+        return f"its keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, want in expected.items():
+        got = upload[key]
+        if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            return f"{key} has shape {shape}, expected {tuple(want.shape)} {want.dtype}"
+        if torch.is_floating_point(got) and not bool(torch.isfinite(got).all()):
+            return f"{key} holds NaN or inf"
+    return None

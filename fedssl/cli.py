@@ -121,10 +121,11 @@ def _default_out(cfg: RunConfig) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedssl.engines.local import resume_run, start_run
+    from fedssl.engines import resume, start
 
-    if args.resume and (args.config or args.method or args.set or args.out):
-        raise FedSSLError("--resume continues a run with its own config.toml; drop --config/--method/--set/--out")
+    if args.resume and (args.config or args.method or args.set or args.out or args.engine):
+        raise FedSSLError("--resume continues a run with its own config.toml on its own engine; "
+                          "drop --config/--method/--set/--out/--engine")
     if args.resume:
         from fedssl.run_dir import open_run_dir
 
@@ -136,12 +137,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         path = Path(args.out) if args.out else _default_out(cfg)
     console.print(f"[bold]fedssl[/bold] {cfg.method} on {cfg.dataset}: {cfg.clients} clients "
                   f"({cfg.partition}), {cfg.rounds} rounds -> {path}")
+    engine = args.engine or "local"
     if args.quiet or not console.is_terminal:
         observer: Any = QuietObserver(console)
-        outcome = resume_run(path, observer=observer) if args.resume else start_run(cfg, path, observer=observer)
+        outcome = resume(path, observer=observer) if args.resume else start(cfg, path, engine=engine,
+                                                                             observer=observer)
     else:
         with RichObserver(console, cfg.rounds) as observer:
-            outcome = resume_run(path, observer=observer) if args.resume else start_run(cfg, path, observer=observer)
+            outcome = resume(path, observer=observer) if args.resume else start(cfg, path, engine=engine,
+                                                                                 observer=observer)
     console.print(summary_table(outcome))
     console.print(f"report: {outcome.run.report}")
     return 0
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--out", help="run directory to create (default runs/<method>-<dataset>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    run.add_argument("--engine", choices=["local", "flower"],
+                     help="local: clients simulated in this process (default); flower: Flower's simulation runtime "
+                          "(one virtual SuperNode per client; see README, Flower)")
     run.add_argument("--quiet", action="store_true", help="one line per round instead of progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -204,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    from fedssl.engines.flower.deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
     bench.add_argument("name", choices=["overhead"], help="overhead: centralized vs federated images/s and memory")

@@ -122,6 +122,15 @@ class AlignmentConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    """The Flower engine (``fedssl run --engine flower``, ``flwr run .``); the in-process engine ignores it."""
+
+    round_timeout: float = 600.0  # s the server waits for the replies of one exchange; later ones count as failed
+    connect_timeout: float = 120.0  # s the server waits at the start for the SuperNode of every client
+    client_cpus: float = 1.0  # simulation: CPU cores Ray reserves per ClientApp (at most the machine's)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole experiment: method, data, federation, local training, evaluation."""
 
@@ -161,6 +170,7 @@ class RunConfig:
     layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 # ---------------------------------------------------------------- validation
@@ -233,7 +243,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _check(cfg.eval.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
     _validate_staged(cfg)
+    _validate_flower(cfg)
     return cfg
+
+
+def _validate_flower(cfg: RunConfig) -> None:
+    fl = cfg.flower
+    _check(fl.round_timeout > 0, "flower.round_timeout", "must be > 0 seconds")
+    _check(fl.connect_timeout > 0, "flower.connect_timeout", "must be > 0 seconds")
+    _check(fl.client_cpus > 0, "flower.client_cpus", "must be > 0 (CPU cores per simulated ClientApp)")
 
 
 def _validate_staged(cfg: RunConfig) -> None:

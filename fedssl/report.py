@@ -92,13 +92,18 @@ def cost_section(cost: ClientCost | None) -> str:
 
 
 def rounds_section(metrics: list[dict[str, Any]]) -> str:
-    """One row per round; a 'dropped' column when clients failed to return."""
-    show_dropped = any(m.get("dropped") for m in metrics)
+    """One row per round: columns for the clients that dropped out, failed (no usable reply) or were rejected
+    (an upload that does not fit the model), where any did; the payload bytes, and beside them the bytes of the
+    Flower messages on the wire where the engine measured them."""
+    faults = [k for k in ("dropped", "failed", "rejected") if any(m.get(k) for m in metrics)]
+    wire = any("wire_up" in m for m in metrics)
     rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"])]
-            + ([str(m.get("dropped", 0))] if show_dropped else [])
-            + [f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])] for m in metrics]
-    header = (["round", "loss", "kNN (monitor)", "clients"] + (["dropped"] if show_dropped else [])
-              + ["images/s", "bytes up", "bytes down"])
+            + [str(m.get(k, 0)) for k in faults]
+            + [f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])]
+            + ([human_bytes(m.get("wire_up", 0)), human_bytes(m.get("wire_down", 0))] if wire else [])
+            for m in metrics]
+    header = (["round", "loss", "kNN (monitor)", "clients"] + faults + ["images/s", "bytes up", "bytes down"]
+              + (["up on the wire", "down on the wire"] if wire else []))
     return "## Rounds\n\n" + _table(header, rows)
 
 

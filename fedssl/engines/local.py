@@ -8,7 +8,6 @@ resumed from its last checkpoint ends exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +27,7 @@ from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
 from fedssl.report import finish_run
 from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
                              write_jsonl)
-from fedssl.training import derive_seed
+from fedssl.engines.rounds import federated_round, local_exchange, returns_update, sample_clients  # noqa: F401
 
 
 class Observer(Protocol):
@@ -85,23 +84,6 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
     return Federation(train, test, parts, server)
 
 
-def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
-    """The clients of a round: ceil(fraction * N), uniformly without replacement, seeded by round."""
-    k = max(1, int(np.ceil(cfg.sample_fraction * num_clients)))
-    if k >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(cfg.seed, round_index, 0x5A))
-    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
-
-
-def returns_update(cfg: RunConfig, round_index: int, client_id: int) -> bool:
-    """Whether a sampled client's update arrives (``dropout``: it fails with that probability, seeded)."""
-    if cfg.dropout == 0:
-        return True
-    rng = np.random.default_rng(derive_seed(cfg.seed, round_index, client_id, 0xD0))
-    return bool(rng.random() >= cfg.dropout)
-
-
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
@@ -134,48 +116,40 @@ def full_evaluation(method: Method, fed: Federation, cfg: RunConfig, device: tor
     return result.as_dict()
 
 
-def _weighted_loss(results: list[Any]) -> float:
-    steps = sum(r.metrics.get("steps", 0) for r in results)
-    if not steps:
-        return float("nan")
-    return sum(r.metrics["loss"] * r.metrics["steps"] for r in results if r.metrics.get("steps")) / steps
-
-
 def run_round(method: Method, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
               observer: Observer) -> dict[str, Any]:
-    """One round: download, local training, upload, aggregation; returns the round's metrics row."""
+    """One round in this process: download, local training, upload, aggregation; returns its metrics row."""
     if isinstance(method, SplitMethod):
         observer.round_started(round_index, 1)
         row = method.train_round(round_index, fed.client_data, len(fed.client_indices), ledger)
         observer.client_done(round_index, -1, row)
         return {"round": round_index + 1, **row}
-    clients = [0] if method.pooled_data else sample_clients(cfg, round_index, len(fed.client_indices))
-    observer.round_started(round_index, len(clients))
-    start = time.perf_counter()
-    results, up, down, dropped = [], 0, 0, 0
-    for client in clients:
-        payload = method.download(round_index, client)
-        down_b = payload_bytes(payload)
-        ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=down_b)
-        down += down_b
-        if not returns_update(cfg, round_index, client):
-            dropped += 1  # the client received the model, then failed: nothing comes back
-            observer.client_done(round_index, client, {"bytes_down": down_b, "dropped": 1})
-            continue
-        result = method.client_update(payload, fed.client_data(client), round_index=round_index, client_id=client)
-        up_b = payload_bytes(result.upload)
-        ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up_b,
-                      samples=result.num_samples, steps=int(result.metrics.get("steps", 0)))
-        up += up_b
-        results.append(result)
-        observer.client_done(round_index, client, {**result.metrics, "bytes_up": up_b, "bytes_down": down_b})
-    if results:
-        method.aggregate(round_index, results)
-    seconds = time.perf_counter() - start
-    images = int(sum(r.metrics.get("images", 0) for r in results))
-    return {"round": round_index + 1, "loss": _weighted_loss(results), "clients": len(clients),
-            "dropped": dropped, "images": images, "seconds": seconds,
-            "images_per_s": images / seconds if seconds > 0 else 0.0, "bytes_up": up, "bytes_down": down}
+    assert isinstance(method, FederatedMethod)
+    return federated_round(method, cfg, round_index, len(fed.client_indices), local_exchange(method, fed.client_data),
+                           ledger, observer)
+
+
+class RoundRunner(Protocol):
+    """How an engine runs the rounds of ``_execute``: in this process, or over Flower's Grid."""
+
+    def begin(self, method: Method) -> None:
+        """Before the first round this engine runs (a new run, or a resumed one)."""
+
+    def run_round(self, method: Method, round_index: int, ledger: Ledger, observer: Observer) -> dict[str, Any]:
+        """One round on the clients; its metrics row."""
+
+
+@dataclass
+class LocalRunner:
+    """The in-process engine's rounds (:func:`run_round`)."""
+
+    fed: Federation
+    cfg: RunConfig
+
+    def begin(self, method: Method) -> None: ...
+
+    def run_round(self, method: Method, round_index: int, ledger: Ledger, observer: Observer) -> dict[str, Any]:
+        return run_round(method, self.fed, self.cfg, round_index, ledger, observer)
 
 
 def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
@@ -194,8 +168,14 @@ def resume_run(path: str | Path, *, observer: Observer | None = None) -> RunOutc
     return _execute(cfg, run, fed, device, observer or SilentObserver())
 
 
-def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer) -> RunOutcome:
-    """Run the experiment from its last checkpoint to the end and evaluate the final encoder."""
+def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer,
+             runner: RoundRunner | None = None) -> RunOutcome:
+    """Run the experiment from its last checkpoint to the end and evaluate the final encoder.
+
+    ``runner`` runs the rounds (default: in this process); everything else (evaluation, checkpoints,
+    the run directory, the report) is the same for every engine.
+    """
+    runner = runner or LocalRunner(fed, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
@@ -212,8 +192,9 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
         ledger = Ledger(rows=[])
         ledger.load_state_dict(checkpoint["ledger"])
         observer.message(f"resuming {run.path} after round {first_round}/{cfg.rounds}")
+    runner.begin(method)
     for r in range(first_round, cfg.rounds):
-        row = run_round(method, fed, cfg, r, ledger, observer)
+        row = runner.run_round(method, r, ledger, observer)
         last = r + 1 == cfg.rounds
         if (cfg.eval.every and (r + 1) % cfg.eval.every == 0) or last:
             row["knn_acc"] = knn_monitor(method, fed, cfg, device)

@@ -44,12 +44,18 @@ class MethodContext:
 
 @dataclass
 class ClientResult:
-    """A client's reply: the upload payload, its data size (FedAvg weight) and local metrics."""
+    """A client's reply: the upload payload, its data size (FedAvg weight) and local metrics.
+
+    ``held``: what the client keeps for its later rounds and never sends (e.g. the frozen layers of a
+    layer-wise method, downloaded once); the engine stores it on the client (Flower: ``context.state``)
+    and hands it back to ``client_update``. None: the client keeps nothing.
+    """
 
     client_id: int
     upload: Payload
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    held: Payload | None = None
 
 
 class Method(ABC):
@@ -96,12 +102,33 @@ class FederatedMethod(Method):
         """Server -> client payload for this round."""
 
     @abstractmethod
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
-        """Client side: local training from the payload on the client's own data."""
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int,
+                      held: Payload | None = None) -> ClientResult:
+        """Client side: local training from the payload on the client's own data.
+
+        ``held``: what this client kept from its earlier rounds (``ClientResult.held``), ``{}`` for a
+        client that holds nothing yet. A client on its own device (the Flower engine) always passes
+        it and must never read server state. None: the in-process engine, which keeps client state
+        implicit — the method may let the server's copy stand in for it where that is exact.
+        """
 
     @abstractmethod
     def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
         """Server side: fold the clients' uploads into the global state."""
+
+    @abstractmethod
+    def expected_upload(self, round_index: int) -> Payload:
+        """Server side, after this round's downloads: the tensors a valid upload holds (keys, shapes, dtypes).
+
+        An upload that differs, or holds NaN/inf, is rejected and never aggregated
+        (``fedssl.aggregation.check_upload``).
+        """
+
+    def client_lost(self, client_id: int | None) -> None:
+        """Server side: the client's state may be gone (it failed, or None: every client, a new Flower run).
+
+        Whatever the server believed it held must be sent again when it next takes part.
+        """
 
 
 class SplitMethod(Method):

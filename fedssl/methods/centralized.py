@@ -35,7 +35,8 @@ class Centralized(FederatedMethod):
     def download(self, round_index: int, client_id: int) -> Payload:
         return {}
 
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int,
+                      held: Payload | None = None) -> ClientResult:
         for group in self.optimizer.param_groups:
             group["lr"] = round_lr(self.cfg, round_index)
         generator = seed_client(self.cfg, round_index, client_id)
@@ -45,6 +46,9 @@ class Centralized(FederatedMethod):
 
     def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
         return None
+
+    def expected_upload(self, round_index: int) -> Payload:
+        return {}
 
     def encoder(self) -> Encoder:
         return self.model.encoder

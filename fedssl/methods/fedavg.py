@@ -43,10 +43,16 @@ class FedAvgSSL(FederatedMethod):
         """The views a local step feeds the model's loss (two SSL views here; one masked view for MAE)."""
         return build_augment(self.ctx)
 
-    def receive(self, worker: SSLModel, payload: Payload, round_index: int) -> None:
-        """Client side, before local training: load the download, reset local state (momentum re-copy)."""
+    def receive(self, worker: SSLModel, payload: Payload, round_index: int,
+                held: Payload | None = None) -> Payload | None:
+        """Client side, before local training: load the download, reset local state (momentum re-copy).
+
+        ``held``: what the client kept from earlier rounds (see ``FederatedMethod.client_update``).
+        Returns what it keeps after this round (None: nothing; these clients are stateless).
+        """
         worker.load_exchanged_state(payload)
         worker.start_round()
+        return None
 
     def local_lr(self, round_index: int) -> float:
         return round_lr(self.cfg, round_index)
@@ -54,15 +60,16 @@ class FedAvgSSL(FederatedMethod):
     def download(self, round_index: int, client_id: int) -> Payload:
         return self.global_model.exchanged_state()
 
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int,
+                      held: Payload | None = None) -> ClientResult:
         worker = self.worker
-        self.receive(worker, payload, round_index)
+        kept = self.receive(worker, payload, round_index, held)
         generator = seed_client(self.cfg, round_index, client_id)
         optimizer = make_optimizer(worker.trainable_parameters(), self.cfg, self.local_lr(round_index))
         stats = train_local(worker, data, self.augment, optimizer, cfg=self.cfg, generator=generator,
                             device=self.ctx.device)
         upload = {k: v.clone() for k, v in worker.exchanged_state().items()}
-        return ClientResult(client_id, upload, len(data), stats.as_dict())
+        return ClientResult(client_id, upload, len(data), stats.as_dict(), held=kept)
 
     def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
         trained = [r for r in results if r.metrics.get("steps", 0) > 0]
@@ -70,6 +77,9 @@ class FedAvgSSL(FederatedMethod):
             return
         averaged = weighted_average([r.upload for r in trained], [r.num_samples for r in trained])
         self.global_model.load_exchanged_state(averaged)
+
+    def expected_upload(self, round_index: int) -> Payload:
+        return self.global_model.exchanged_state()
 
     def encoder(self) -> Encoder:
         return self.global_model.encoder

@@ -192,12 +192,25 @@ class StagedFedSSL(FedAvgSSL):
             payload.update(select_state(self.global_model.state_dict(), self._frozen_prefixes(stale)))
         return payload
 
-    def receive(self, worker: SSLModel, payload: Payload, round_index: int) -> None:
-        """Frozen layers: the client's current copy (tracked by ``download``) updated by the payload; then the rest."""
+    def receive(self, worker: SSLModel, payload: Payload, round_index: int,
+                held: Payload | None = None) -> Payload | None:
+        """Frozen layers: the client's own copy (``held``) updated by the stale ones in the payload; then the rest.
+
+        Returns the frozen layers the client keeps for its later rounds. ``held=None`` (the in-process
+        engine, one simulated worker shared by all clients): the server's frozen layers stand in for the
+        client's, which ``download`` guarantees equal (it sent every stale one in the payload); nothing is kept.
+        """
         stage = self.enter_round(round_index)
-        # The simulated worker is shared by all clients: give it the frozen layers this client holds,
-        # which ``download`` guarantees equal the server's (it sent every stale one in the payload).
-        load_subset(worker, select_state(self.global_model.state_dict(), self._frozen_prefixes(stage.frozen)))
+        prefixes = self._frozen_prefixes(stage.frozen)
+        if held is None:
+            frozen, kept = select_state(self.global_model.state_dict(), prefixes), None
+        else:
+            frozen = kept = {**select_state(held, prefixes), **select_state(payload, prefixes)}
+            missing = sorted(set(select_state(worker.state_dict(), prefixes)) - set(kept))
+            if missing:
+                raise ValueError(f"this client holds no copy of the frozen layers {missing[:3]} (its state was lost); "
+                                 "the server re-sends them once it has seen this failure")
+        load_subset(worker, frozen)
         exchanged = set(worker.exchanged_state())
         load_subset(worker, {k: v for k, v in payload.items() if k not in exchanged})
         worker.load_exchanged_state({k: v for k, v in payload.items() if k in exchanged})
@@ -206,6 +219,14 @@ class StagedFedSSL(FedAvgSSL):
             copy_weights(self.reference, worker.encoder)
             self.reference.stage = stage
         worker.set_reference(self.reference)  # type: ignore[attr-defined]
+        return kept
+
+    def client_lost(self, client_id: int | None) -> None:
+        """The client (None: every client) may have lost its frozen layers: the next download re-sends them all."""
+        if client_id is None:
+            self.versions.client_version.clear()
+        else:
+            self.versions.client_version.pop(client_id, None)
 
     def aggregate(self, round_index: int, results: list) -> None:
         stage = self.enter_round(round_index)

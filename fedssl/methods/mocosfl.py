@@ -238,6 +238,29 @@ class MocoSFLServer:
 # ------------------------------------------------------------------ the method
 
 
+# ------------------------------------------------------------------ a client's part of a step
+
+
+def forward_at_cut(template: nn.Module, online: Stack, momentum: Stack, view1: Tensor, view2: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Views (n, B, C, H, W) of n clients -> query activations online(x1) (with grad), keys momentum(x2)."""
+    query = batched_forward(template, online, view1)
+    with torch.no_grad():
+        key = batched_forward(template, momentum, view2)
+    return query, key
+
+
+def update_from_gradient(query: Tensor, grad: Tensor, online: Stack, momentum: Stack, buffers: Stack, *, lr: float,
+                         cfg: RunConfig) -> None:
+    """Back-propagate the server's gradient (n, B, ...), SGD step and momentum-net EMA, for every client of the stacks."""
+    query.backward(grad)
+    grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in online.items()}
+    stacked_sgd_step_(online, grads, buffers, lr=lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    for p in online.values():
+        p.grad = None
+    stacked_ema_(momentum, online, cfg.ssl.momentum)
+
+
 class _StackedSGDView:
     """The stacked SGD buffers in torch.optim's ``state`` layout, so ``measure_step`` counts (and re-homes) them."""
 
@@ -278,10 +301,7 @@ class MocoSFL(SplitMethod):
 
     def client_forward(self, online: Stack, momentum: Stack, view1: Tensor, view2: Tensor) -> tuple[Tensor, Tensor]:
         """Views (n, B, C, H, W) of n clients -> query activations online(x1) (with grad), keys momentum(x2)."""
-        query = batched_forward(self.client_template, online, view1)
-        with torch.no_grad():
-            key = batched_forward(self.client_template, momentum, view2)
-        return query, key
+        return forward_at_cut(self.client_template, online, momentum, view1, view2)
 
     def server_step(self, query: Tensor, key: Tensor, clients: Tensor, lr: float) -> ServerStepResult:
         """The server's step on the clients' concatenated activations; returns the per-client gradients."""
@@ -290,13 +310,7 @@ class MocoSFL(SplitMethod):
     def client_update(self, query: Tensor, grad: Tensor, online: Stack, momentum: Stack, buffers: Stack,
                       lr: float) -> None:
         """Back-propagate the server's gradient, SGD step and momentum-net EMA, for every client of the stacks."""
-        query.backward(grad)
-        grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in online.items()}
-        stacked_sgd_step_(online, grads, buffers, lr=lr, momentum=self.cfg.sgd_momentum,
-                          weight_decay=self.cfg.weight_decay)
-        for p in online.values():
-            p.grad = None
-        stacked_ema_(momentum, online, self.cfg.ssl.momentum)
+        update_from_gradient(query, grad, online, momentum, buffers, lr=lr, cfg=self.cfg)
 
     @torch.no_grad()
     def sync(self, participants: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
@@ -424,6 +438,10 @@ class MocoSFL(SplitMethod):
         with torch.no_grad():
             query, key = self.client_forward(gather(self.client_online, index), gather(self.client_momentum, index),
                                              view1, view2)
+        self.record_server_cost(query, key, clients, ledger)
+
+    def record_server_cost(self, query: Tensor, key: Tensor, clients: Tensor, ledger: Ledger) -> None:
+        """Measure one real server step (on a copy) on activations (n, B, ...) of ``clients``: FLOPs, memory."""
         probe = copy.deepcopy(self.server)
         modules = [probe.encoder, probe.projector, probe.momentum_encoder, probe.momentum_projector, probe.queue]
         with torch.random.fork_rng(devices=[]):
@@ -477,6 +495,56 @@ class MocoSFL(SplitMethod):
             for name, t in mine.items():
                 t.copy_(saved[name])
         self.holds_latest.copy_(state["holds_latest"])
+
+
+class MocoSFLClient:
+    """One MocoSFL client on its own device (the Flower engine): its images and the shape of its client-net.
+
+    Its nets (online, momentum, SGD buffers: stacks of this one client) are kept by the caller (a Flower
+    node keeps them in ``context.state`` between messages); the maths is this module's
+    (:func:`forward_at_cut`, :func:`update_from_gradient`). A round's batches are the client's own
+    shuffle of its images, ``client_batch`` of them per step it takes part in; a step's views are MoCo v2
+    augmentations seeded by (seed, round, client, step), so that the backward recomputes exactly the
+    forward's query (no graph is kept between the two messages).
+    """
+
+    def __init__(self, ctx: MethodContext, data: ImageData, client_id: int) -> None:
+        cfg = ctx.cfg
+        self.ctx, self.cfg, self.client_id = ctx, cfg, client_id
+        self.split = effective_split(cfg.split, cfg.clients)
+        backbone = build_backbone(ctx)
+        check_cut(backbone, cfg.split.cut)
+        self.template = to_stacked(nn.Sequential(*backbone.layers[:cfg.split.cut]))
+        self.augment = build_augment(ctx)
+        self.images = ClientImages.collect(lambda _: data, 1)
+
+    def views(self, round_index: int, step: int, served: int) -> tuple[Tensor, Tensor]:
+        """The two views (1, B, C, H, W) of the client's ``served``-th batch of the round (its step ``step``)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, round_index, self.client_id, 0x5F2))
+        order = self.images.shuffled_order(generator)
+        rows = self.images.batch_rows(order, torch.zeros(1, dtype=torch.long), torch.tensor([served]),
+                                      self.split.client_batch)  # (1, B)
+        torch.manual_seed(derive_seed(self.cfg.seed, round_index, self.client_id, step, 0x5F1))
+        view1, view2 = self.augment(self.images.images[rows.flatten()].to(self.ctx.device))
+        return view1.unflatten(0, rows.shape), view2.unflatten(0, rows.shape)
+
+    def forward(self, online: Stack, momentum: Stack, round_index: int, step: int, served: int
+                ) -> tuple[Tensor, Tensor]:
+        """What goes up: query and key activations (1, B, ...) of the step's batch (no graph kept)."""
+        view1, view2 = self.views(round_index, step, served)
+        with torch.no_grad():
+            return forward_at_cut(self.template, online, momentum, view1, view2)
+
+    def backward(self, online: Stack, momentum: Stack, buffers: Stack, grad: Tensor, round_index: int, step: int,
+                 served: int) -> Stack:
+        """The server's gradient (1, B, ...) of the step's query: recompute it, back-propagate, SGD, EMA.
+
+        ``momentum`` and ``buffers`` are updated in place; returns the new online weights."""
+        view1, view2 = self.views(round_index, step, served)
+        online = {name: t.detach().clone().requires_grad_() for name, t in online.items()}
+        query, _ = forward_at_cut(self.template, online, momentum, view1, view2)
+        update_from_gradient(query, grad, online, momentum, buffers, lr=round_lr(self.cfg, round_index), cfg=self.cfg)
+        return {name: t.detach() for name, t in online.items()}
 
 
 @torch.no_grad()

@@ -1,0 +1,72 @@
+"""The Flower ClientApp (``[tool.flwr.app.components] clientapp``): messages in, method calls, messages out.
+
+Each handler only converts: records -> payloads, calls the node's method object
+(``fedssl.engines.flower.node``, ``fedssl.engines.flower.split``), payloads -> records.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedssl.engines.flower import node, split
+from fedssl.engines.flower.messages import NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record, to_record
+from fedssl.errors import FedSSLError
+
+app = ClientApp()
+
+
+def _setup(message: Message, context: Context):  # -> (RunConfig, NodeSetup)
+    setup = node.node_setup(context)
+    return node.node_run_config(node.run_config(message, context), setup), setup
+
+
+@app.query("hello")
+def hello(message: Message, context: Context) -> Message:
+    """Who this node is: its partition, how many images it holds and where it read them."""
+    cfg, setup = _setup(message, context)
+    data = node.client_data(cfg, setup)
+    answer = ConfigRecord({"partition-id": setup.partition_id, "num-partitions": setup.num_partitions,
+                           "num-samples": len(data), "data-digest": node.digest(data.images),
+                           "data-source": setup.data_dir or "simulation"})
+    return Message(content(**{NODE: answer}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """A round of a round-based method: the download in, local training, the upload out."""
+    cfg, setup = _setup(message, context)
+    task = message.content[TASK]
+    client, round_index = int(task["client"]), int(task["round"])
+    if client != setup.partition_id:
+        raise FedSSLError(f"a message for client {client} reached the node of client {setup.partition_id}")
+    data = node.client_data(cfg, setup)
+    method = node.client_method(cfg, data.info)
+    result = method.client_update(from_record(message.content[PAYLOAD]), data, round_index=round_index,
+                                  client_id=client, held=node.held(context))
+    node.keep(context, result.held)
+    upload = node.corrupt(result.upload, setup.fault)
+    return Message(content(**{UPLOAD: to_record(upload),
+                              RESULT: metrics_record({"num-samples": result.num_samples, **result.metrics})}),
+                   reply_to=message)
+
+
+@app.train("forward")
+def forward(message: Message, context: Context) -> Message:
+    """MocoSFL step, part 1: this client's query and key activations at the cut."""
+    cfg, setup = _setup(message, context)
+    return Message(split.client_forward(cfg, setup, message.content, context), reply_to=message)
+
+
+@app.train("backward")
+def backward(message: Message, context: Context) -> Message:
+    """MocoSFL step, part 2: the server's gradient in; back-propagation, SGD step, momentum EMA."""
+    cfg, setup = _setup(message, context)
+    return Message(split.client_backward(cfg, setup, message.content, context), reply_to=message)
+
+
+@app.train("sync")
+def sync(message: Message, context: Context) -> Message:
+    """MocoSFL round end: this client's nets go up to be averaged."""
+    cfg, setup = _setup(message, context)
+    return Message(split.client_sync(cfg, setup, message.content, context), reply_to=message)

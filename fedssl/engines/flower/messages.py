@@ -1,0 +1,78 @@
+"""What travels in a Flower message, and what a message weighs on the wire.
+
+fedssl payloads (``{name: tensor}``) become ``ArrayRecord`` s and back; the small
+things that go with them (round, client, the run's config) a ``ConfigRecord``; a
+client's numbers a ``MetricRecord``. Message types (``MessageType``): the
+round-based methods use Flower's ``train``; a node says who it is on
+``query.hello``; MocoSFL's per-step exchange uses custom actions ``train.forward``,
+``train.backward`` and ``train.sync``.
+
+Wire size: Flower (1.41) serialises a message as a tree of content-addressed
+objects (Message -> RecordDict -> records -> Array -> ArrayChunk) and pushes each
+object's deflated bytes. :func:`wire_bytes` is the sum of those bytes: what the
+deployment runtime sends for the message, before HTTP/TLS framing (measured apart,
+see README "Flower"). In simulation nothing is serialised; the same figure says
+what a deployment would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedssl.methods.base import Payload
+
+# message types (``<category>.<action>``, see flwr.app.metadata.validate_message_type)
+HELLO = "query.hello"  # server -> node: who are you (partition, data); also hands over the run's config
+TRAIN = "train"  # a round of a round-based method: download -> local training -> upload
+FORWARD = "train.forward"  # MocoSFL step, part 1: the client's activations at the cut go up
+BACKWARD = "train.backward"  # MocoSFL step, part 2: the gradient slice comes down; the client updates
+SYNC = "train.sync"  # MocoSFL round end: the client-nets go up to be averaged
+
+# record names inside a message's RecordDict
+TASK = "task"  # ConfigRecord: round, client, step ..., config-hash (+ config, the first time a node is addressed)
+PAYLOAD = "payload"  # ArrayRecord: the download
+UPLOAD = "upload"  # ArrayRecord: the upload
+RESULT = "result"  # MetricRecord: num-samples and the client's local metrics
+NODE = "node"  # ConfigRecord: a node's answer to hello
+
+
+def to_record(payload: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """{name: tensor} -> ArrayRecord (keys and order kept; each tensor as a NumPy array, exact)."""
+    return ArrayRecord({key: _array(value) for key, value in payload.items()})
+
+
+def _array(tensor: torch.Tensor):  # -> flwr.app.Array
+    from flwr.app import Array
+
+    return Array(tensor.detach().cpu().contiguous().numpy())  # 0-d tensors stay 0-d
+
+
+def from_record(record: ArrayRecord) -> Payload:
+    """ArrayRecord -> {name: tensor} (writable CPU tensors)."""
+    return {key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()}
+
+
+def content(*, task: Mapping[str, object] | None = None, **records: ArrayRecord | ConfigRecord | MetricRecord
+            ) -> RecordDict:
+    """A message's content: the ``task`` ConfigRecord (if any) and the given records."""
+    out = RecordDict()
+    if task is not None:
+        out[TASK] = ConfigRecord(dict(task))  # type: ignore[arg-type]
+    for name, record in records.items():
+        out[name] = record
+    return out
+
+
+def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
+    """Numbers (loss, steps, images ...) as a MetricRecord; ints stay ints."""
+    return MetricRecord({k: (int(v) if isinstance(v, (bool, np.integer)) else v) for k, v in values.items()})
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes of the deflated objects Flower pushes for ``message`` (each distinct object once)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -1,0 +1,210 @@
+"""A client on its own node: its config, its data, its method object, what it keeps between messages.
+
+Everything here runs in the ClientApp (a Ray actor in simulation, a ``flwr-clientapp``
+process per message in a deployment) and reads nothing of the server's: the run's
+config arrives in a message (once per node, then cached in ``context.state``), the
+data is the node's own partition, and the method object is built from the config.
+
+Node config (``flower-supernode --node-config``; set by Flower itself in simulation):
+
+- ``partition-id``, ``num-partitions``: which client this node is, of how many;
+- ``data-dir``: the node's OWN partition as written by ``fedssl deploy partition``
+  (``images.npy`` + ``partition.json``); the node reads nothing else. Without it
+  (simulation) the partition is cut from the whole dataset exactly as the
+  in-process engine cuts it;
+- ``device``: overrides the config's device on this node (e.g. ``cuda``);
+- ``fault``: a test hook, ``nan`` or ``shape``: the node corrupts its uploads so
+  that tests can check the server rejects them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+
+from fedssl.config import RunConfig, config_hash, make_config
+from fedssl.data.datasets import DatasetInfo, ImageData
+from fedssl.errors import DataError, FedSSLError
+from fedssl.methods import METHODS, build_method
+from fedssl.methods.base import Method, MethodContext, Payload
+from fedssl.engines.flower.messages import TASK, from_record, to_record
+
+CONFIG_STATE = "fedssl.config"  # context.state: the run's config (toml + hash), cached after its first message
+HELD_STATE = "fedssl.held"  # context.state: what a round-based client keeps (ClientResult.held)
+PARTITION_FILE = "partition.json"
+IMAGES_FILE = "images.npy"
+FAULTS = ("", "nan", "shape")
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """What a node is told by its operator (``--node-config``)."""
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str = ""  # "" = simulation: cut the partition from the whole dataset
+    device: str = ""  # "" = the config's device
+    fault: str = ""  # test hook: "nan" | "shape" corrupt every upload
+
+
+def node_setup(context: Context) -> NodeSetup:
+    """The node's config, checked (a missing or malformed key is a clear error)."""
+    conf = context.node_config
+    missing = [k for k in ("partition-id", "num-partitions") if k not in conf]
+    if missing:
+        raise FedSSLError(f"this SuperNode has no {', '.join(missing)} in its node config; start it with "
+                          "fedssl deploy supernode --partition-id I --num-partitions N --data-dir DIR")
+    setup = NodeSetup(int(conf["partition-id"]), int(conf["num-partitions"]), str(conf.get("data-dir", "")),
+                      str(conf.get("device", "")), str(conf.get("fault", "")))
+    if not 0 <= setup.partition_id < setup.num_partitions:
+        raise FedSSLError(f"node config partition-id={setup.partition_id} is outside 0..{setup.num_partitions - 1}")
+    if setup.fault not in FAULTS:
+        raise FedSSLError(f"node config fault={setup.fault!r}: use one of {', '.join(repr(f) for f in FAULTS)}")
+    return setup
+
+
+# ------------------------------------------------------------------ the run's config
+
+
+def run_config(message: Message, context: Context) -> RunConfig:
+    """The run's config: from the message when it carries one (then cached on the node), else the cached one.
+
+    Every message carries the config's hash; a node that holds another config (or none) fails
+    clearly rather than training something else.
+    """
+    task = message.content[TASK]
+    want = str(task["config-hash"])
+    if "config" in task:
+        text = str(task["config"])
+        cfg = _parse_config(text)
+        if config_hash(cfg) != want:
+            raise FedSSLError("the config the server sent reads differently here (another fedssl version on this "
+                              "node?); install the server's fedssl version on every node")
+        context.state[CONFIG_STATE] = ConfigRecord({"toml": text, "hash": want})
+        return cfg
+    cached = context.state.config_records.get(CONFIG_STATE)
+    if cached is None or str(cached["hash"]) != want:
+        raise FedSSLError("this node holds no config for this run (its state was lost); the server re-sends it")
+    return _parse_config(str(cached["toml"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_config(text: str) -> RunConfig:
+    return make_config(tomllib.loads(text))
+
+
+def node_run_config(cfg: RunConfig, setup: NodeSetup) -> RunConfig:
+    """The config as this node runs it: its own device if it names one; the thread count applied."""
+    if setup.device:
+        cfg = replace(cfg, device=setup.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+# ------------------------------------------------------------------ the node's data
+
+
+def partition_key(cfg: RunConfig) -> str:
+    """What decides which images a client holds: a partition written for one key serves only runs with it."""
+    keep = {"dataset": cfg.dataset, "image_size": cfg.image_size, "seed": cfg.seed, "clients": cfg.clients,
+            "partition": cfg.partition, "alpha": cfg.alpha, "classes_per_client": cfg.classes_per_client,
+            "shards_per_client": cfg.shards_per_client, "held_out": METHODS[cfg.method].aux_fraction(cfg)}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def digest(images: torch.Tensor) -> str:
+    """A short fingerprint of a client's images (which partition a node really read)."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def client_data(cfg: RunConfig, setup: NodeSetup) -> ImageData:
+    """The node's own images: its data dir (deployment), or its part of the dataset (simulation)."""
+    if setup.num_partitions != _num_partitions(cfg):
+        raise FedSSLError(f"this node is partition {setup.partition_id} of {setup.num_partitions} but the run has "
+                          f"{_num_partitions(cfg)} clients; restart the SuperNodes with "
+                          f"--num-partitions {_num_partitions(cfg)}")
+    if setup.data_dir:
+        return _read_partition(setup.data_dir, setup.partition_id, setup.num_partitions, partition_key(cfg))
+    return _simulated_partition(cfg, setup.partition_id)
+
+
+def _num_partitions(cfg: RunConfig) -> int:
+    return 1 if METHODS[cfg.method].pooled_data else cfg.clients
+
+
+@functools.lru_cache(maxsize=2)
+def _read_partition(data_dir: str, partition_id: int, num_partitions: int, key: str) -> ImageData:
+    from fedssl.engines.flower.deploy import check_partition_dir
+
+    meta = check_partition_dir(data_dir, partition_id, num_partitions)
+    if meta["key"] != key:
+        raise DataError(f"data dir {data_dir} was written for another partitioning (dataset, clients, partition or "
+                        "seed differ); re-export it with fedssl deploy partition and this run's config")
+    images = torch.from_numpy(np.load(Path(data_dir).expanduser() / IMAGES_FILE, allow_pickle=False))  # (N, C, H, W)
+    info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["info"].items()})
+    labels = torch.full((images.shape[0],), -1, dtype=torch.int64)  # clients hold no labels
+    return ImageData(images, labels, info)
+
+
+@functools.lru_cache(maxsize=1)
+def _federation(cfg: RunConfig) -> Any:
+    from fedssl.engines.local import load_federation
+
+    return load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+
+
+def _simulated_partition(cfg: RunConfig, partition_id: int) -> ImageData:
+    return _federation(cfg).client_data(partition_id)
+
+
+# ------------------------------------------------------------------ the node's method
+
+
+def client_method(cfg: RunConfig, info: DatasetInfo) -> Method:
+    """The method object this node trains with, built from the config alone (cached per config)."""
+    return _method(cfg, info)
+
+
+@functools.lru_cache(maxsize=1)
+def _method(cfg: RunConfig, info: DatasetInfo) -> Method:
+    from fedssl.engines.local import resolve_device
+
+    return build_method(MethodContext(cfg, info, resolve_device(cfg.device)))
+
+
+# ------------------------------------------------------------------ what a client keeps between messages
+
+
+def held(context: Context, key: str = HELD_STATE) -> Payload:
+    """What this client kept from earlier messages ({} if nothing)."""
+    record = context.state.array_records.get(key)
+    return {} if record is None else from_record(record)
+
+
+def keep(context: Context, payload: Payload | None, key: str = HELD_STATE) -> None:
+    """Store what the client keeps (None: nothing) in the node's state: never sent anywhere."""
+    if payload is None:
+        if key in context.state:
+            del context.state[key]
+        return
+    context.state[key] = to_record(payload)
+
+
+def corrupt(upload: Payload, fault: str) -> Payload:
+    """Test hook: NaN in the first floating tensor, or one row cut from it."""
+    if not fault:
+        return upload
+    out = dict(upload)
+    key = next(k for k, v in out.items() if torch.is_floating_point(v))
+    out[key] = torch.full_like(out[key], float("nan")) if fault == "nan" else out[key].flatten()[:-1]
+    return out
