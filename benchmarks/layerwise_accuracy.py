@@ -16,6 +16,7 @@ benchmarks/results/layerwise_accuracy.md (``--out``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 import tempfile
 import time
@@ -72,7 +73,12 @@ def delta(v: float | None, base: float | None) -> str:
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     plain = next(r for r in rows if r["name"] == "LW-FedSSL (plain)")
+    from fedssl.bench import machine_description
+
     head = ("# LW-FedSSL / Prog-FedSSL vs end-to-end on the real CIFAR-10 subset\n\n"
+            f"Measured {datetime.date.today().isoformat()} on {machine_description()} by `python "
+            f"benchmarks/layerwise_accuracy.py --data-dir {args.data_dir}"
+            f"{' --quick' if args.quick else ''}{' --set ' + ' '.join(args.set) if args.set else ''}`.\n\n"
             f"Preset `configs/cifar10/lw-fedssl.toml` with {' '.join((QUICK if args.quick else BUDGET) + args.set)}; "
             f"{rows[0]['rounds']} rounds; FINAL encoders, kNN and linear probe on frozen features. "
             "Memory: measured peak of one real client step (staged methods: the larger of the first and last stage); comm: bytes up + down "
@@ -85,7 +91,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                      f"{pct(r['knn'])} | {delta(r['knn'], plain['knn'])} | {pct(r['probe'])} | "
                      f"{delta(r['probe'], plain['probe'])} | {human_bytes(r['memory'])} | {human_bytes(r['comm'])} | "
                      f"{r['seconds']:.0f} s |")
-    note = ("\n\nOne seed, one short run per setting: differences of a point or two are within the noise of "
+    note = ("\n\nWall times are of this machine as it was during the run (other jobs may share it): they are not "
+            "a speed comparison (the measured per-client costs are). One seed, one short run per setting: differences "
+            "of a point or two are within the noise of "
             "a single run. Calibration trains the whole current model on the server, so the frozen blocks "
             "change each round and every client downloads them again: its communication is counted.\n")
     return head + "\n".join(lines) + note

@@ -102,7 +102,7 @@ def convention_flops(method: FederatedMethod, cfg: RunConfig) -> float:
 
 def measure(method: FederatedMethod, data: ImageData, stage: int) -> StepCost:
     if isinstance(method, StagedFedSSL):
-        return method.measure_stage(data, stage)
+        return method.measure_stage(data, method.schedule.stage(stage))
     return method.measure_client_step(data)
 
 

@@ -21,8 +21,10 @@ from typing import Any, Mapping
 from fedssl.errors import ConfigError
 
 METHOD_NAMES = ("fedmoco", "fedmocov3", "fedsimclr", "fedbyol", "centralized", "mocosfl",
-                "lw-fedssl", "prog-fedssl")
-STAGED_METHODS = ("lw-fedssl", "prog-fedssl")  # methods that read [layerwise], [calibration], [alignment]
+                "lw-fedssl", "prog-fedssl", "fedmae")
+STAGED_METHODS = ("lw-fedssl", "prog-fedssl", "fedmae")  # methods that train stage by stage: they read [layerwise]
+CALIBRATED_METHODS = ("lw-fedssl", "prog-fedssl")  # methods that read [calibration] and [alignment]
+CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological", "shards")
@@ -67,6 +69,11 @@ class EvalConfig:
     probe: bool = True
     probe_epochs: int = 100
     batch_size: int = 256
+    # `fedssl finetune RUN_DIR`: the whole encoder + a linear head, trained on the labelled train split
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-3
+    finetune_weight_decay: float = 0.05
+    finetune_batch_size: int = 128
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,24 @@ class AlignmentConfig:
 
 
 @dataclass(frozen=True)
+class MAEConfig:
+    """FedMAE: a one-block masked auto-encoder per stage, cascaded by the server (``method = "fedmae"``).
+
+    ``cascade``: ``stagewise`` (stage k trains block k on the output of the frozen blocks 1..k-1),
+    ``independent`` (every block trained on the patch embeddings alone, then stacked: the cheap ablation),
+    ``end-to-end`` (one stage: FedAvg of the whole multi-block MAE, the reference it is compared with).
+    """
+
+    mask_ratio: float = 0.75  # share of the patches hidden from the encoder
+    decoder_width: int = 128  # the light decoder, trained by every stage and exchanged with the active block
+    decoder_depth: int = 1
+    decoder_heads: int = 4
+    norm_pix: bool = True  # targets are per-patch normalised pixels
+    cascade: str = "stagewise"
+    pictures: int = 8  # test images shown masked / reconstructed / original at the end of each stage (0 = none)
+
+
+@dataclass(frozen=True)
 class FlowerConfig:
     """The Flower engine (``fedssl run --engine flower``, ``flwr run .``); the in-process engine ignores it."""
 
@@ -171,6 +196,7 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 # ---------------------------------------------------------------- validation
@@ -242,8 +268,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _check(cfg.eval.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
+    _check(cfg.eval.finetune_epochs >= 1, "eval.finetune_epochs", "must be >= 1")
+    _check(cfg.eval.finetune_lr > 0, "eval.finetune_lr", "must be > 0")
+    _check(cfg.eval.finetune_weight_decay >= 0, "eval.finetune_weight_decay", "must be >= 0")
+    _check(cfg.eval.finetune_batch_size >= 1, "eval.finetune_batch_size", "must be >= 1")
     _validate_staged(cfg)
     _validate_flower(cfg)
+    _validate_mae(cfg)
     return cfg
 
 
@@ -268,16 +299,40 @@ def _validate_staged(cfg: RunConfig) -> None:
     _check(cal.lr >= 0, "calibration.lr", "must be >= 0 (0 = the round's client learning rate)")
     _check(cal.batch_size == 0 or cal.batch_size >= 2, "calibration.batch_size", "must be 0 (= batch_size) or >= 2")
     _check(al.weight >= 0, "alignment.weight", "must be >= 0 (0 = off)")
-    if cfg.method not in STAGED_METHODS:
+    if cfg.method not in CALIBRATED_METHODS:
         _check(cal.aux_fraction == 0, "calibration.aux_fraction",
-               f"only {', '.join(STAGED_METHODS)} calibrate on the server; set it to 0")
-        _check(al.weight == 0, "alignment.weight", f"only {', '.join(STAGED_METHODS)} align; set it to 0")
+               f"only {', '.join(CALIBRATED_METHODS)} calibrate on the server; set it to 0")
+        _check(al.weight == 0, "alignment.weight", f"only {', '.join(CALIBRATED_METHODS)} align; set it to 0")
+    if cfg.method not in STAGED_METHODS:
         return
     _check(not cfg.ssl.exchange_momentum, "ssl.exchange_momentum",
            f"{cfg.method} re-copies the momentum branch each round and never sends it; set it to false")
     from fedssl.stages import StageSchedule  # imported here: stages.py imports this module
 
-    StageSchedule.from_config(cfg)  # raises ConfigError naming the fix for rounds / schedule
+    StageSchedule.for_run(cfg)  # raises ConfigError naming the fix for rounds / schedule
+
+
+def _validate_mae(cfg: RunConfig) -> None:
+    """[mae]: ranges; fedmae needs a ViT whose patches the mask ratio leaves both visible and hidden."""
+    mae = cfg.mae
+    _one_of(mae.cascade, CASCADES, "mae.cascade")
+    _check(0 < mae.mask_ratio < 1, "mae.mask_ratio", f"{mae.mask_ratio} must be in (0, 1), e.g. 0.75")
+    _check(mae.decoder_width >= 4 and mae.decoder_width % 4 == 0, "mae.decoder_width",
+           "must be a positive multiple of 4 (sin-cos positions), e.g. 128")
+    _check(mae.decoder_depth >= 1, "mae.decoder_depth", "must be >= 1")
+    _check(mae.decoder_heads >= 1 and mae.decoder_width % mae.decoder_heads == 0, "mae.decoder_heads",
+           f"must divide mae.decoder_width = {mae.decoder_width}")
+    _check(mae.pictures >= 0, "mae.pictures", "must be >= 0 (0 = no reconstruction pictures)")
+    if cfg.method != "fedmae":
+        return
+    _check(cfg.model.arch == "vit", "model.arch", "fedmae trains ViT blocks; set model.arch = \"vit\"")
+    if cfg.image_size:
+        _check(cfg.image_size % cfg.model.patch_size == 0, "model.patch_size",
+               f"{cfg.model.patch_size} does not divide image_size {cfg.image_size}; e.g. 16 for 224x224")
+        patches = (cfg.image_size // cfg.model.patch_size) ** 2
+        visible = int(patches * (1 - mae.mask_ratio))
+        _check(1 <= visible < patches, "mae.mask_ratio", f"{mae.mask_ratio} leaves {visible} of {patches} patches "
+               "visible; choose a ratio that keeps at least one patch visible and hides at least one")
 
 
 # ---------------------------------------------------------------- building

@@ -1,4 +1,4 @@
-"""Honest evaluation of a FROZEN encoder: weighted kNN and a linear probe.
+"""Honest evaluation of an encoder: weighted kNN and a linear probe on FROZEN features, and fine-tuning.
 
 The protocol is the same for every method: features are extracted once with
 the encoder in eval mode and no gradients; the kNN classifier and the linear
@@ -10,6 +10,7 @@ Accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EvalResult", "evaluate", "extract_features", "knn_accuracy", "linear_probe"]
+__all__ = ["EvalResult", "evaluate", "extract_features", "fine_tune", "knn_accuracy", "linear_probe"]
 
 
 @torch.no_grad()
@@ -233,3 +234,76 @@ def evaluate(
             train_features, train_labels, test_features, test_labels, epochs=probe_epochs, seed=seed
         )["test_acc"]
     return EvalResult(knn_acc=knn, probe_acc=probe_acc, feature_dim=train_features.shape[1])
+
+
+def fine_tune(
+    encoder: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    augment: Callable[[Tensor], Tensor],
+    transform: Callable[[Tensor], Tensor],
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Fine-tune a COPY of the encoder with a linear head on the TRAIN split; score it once on TEST.
+
+    Every encoder parameter trains (frozen flags of layer-wise training are lifted on the copy),
+    with AdamW and a cosine decay over a fixed number of ``epochs`` of shuffled mini-batches;
+    ``augment`` maps a uint8 batch (B, C, H, W) to normalised training views (random crop + flip),
+    ``transform`` to normalised test images. ``seed`` fixes the head's init, the order and the
+    augmentations. No early stopping, no selection. Returns ``{"train_acc", "test_acc", "train_loss"}``
+    (train accuracy and loss: running means over the last epoch).
+    """
+    _check_images(train_images, train_labels, "train")
+    _check_images(test_images, test_labels, "test")
+    if epochs <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    classes = _num_classes(train_labels, num_classes)
+    model = copy.deepcopy(encoder).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(int(getattr(model, "feature_dim")), classes).to(device)
+        params = [*model.parameters(), *head.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        steps_per_epoch = math.ceil(train_images.shape[0] / batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(train_images.shape[0], generator=generator)
+                loss_sum, correct = 0.0, 0
+                for start in range(0, train_images.shape[0], batch_size):
+                    idx = order[start : start + batch_size]
+                    labels = train_labels[idx].to(device)
+                    logits = head(model(augment(train_images[idx].to(device))))  # (B, classes)
+                    loss = F.cross_entropy(logits, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    loss_sum += loss.item() * idx.numel()
+                    correct += int((logits.argmax(dim=1) == labels).sum())
+    classifier = nn.Sequential(model, head)
+    test_features = extract_features(classifier, test_images, transform=transform, batch_size=batch_size,
+                                     device=device)  # (N, classes) logits
+    # test labels are read here, once, after training is finished
+    test_acc = float((test_features.argmax(dim=1) == test_labels.long()).float().mean())
+    n = train_images.shape[0]
+    return {"train_acc": correct / n, "test_acc": test_acc, "train_loss": loss_sum / n}
+
+
+def _check_images(images: Tensor, labels: Tensor, name: str) -> None:
+    if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"{name} split: need (N, C, H, W) images and (N,) labels with N > 0, "
+                         f"got {tuple(images.shape)} and {tuple(labels.shape)}")

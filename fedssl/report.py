@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import numpy as np
 
 from fedssl.config import RunConfig, dumps_toml, to_dict
 from fedssl.io import atomic_write_text
-from fedssl.resources import DOWNLOAD, SERVER_STEP_COST, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
+from fedssl.resources import (DOWNLOAD, REFERENCE_STEP_COST, SERVER_STEP_COST, STEP_COST, UPLOAD, Ledger, human_bytes,
+                              human_flops)
 from fedssl.errors import FedSSLError
 from fedssl.run_dir import RunOutcome, open_run_dir, read_jsonl
 
@@ -63,7 +65,7 @@ def _pct(value: Any) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -72,7 +74,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def result_section(initial: dict[str, Any], final: dict[str, Any]) -> str:
     rows = [["kNN accuracy (k, T from config)", _pct(initial.get("knn_acc")), _pct(final.get("knn_acc"))],
             ["linear probe accuracy", _pct(initial.get("probe_acc")), _pct(final.get("probe_acc"))]]
-    return "## Result: the final encoder, frozen\n\n" + _table(["", "random init", "trained"], rows)
+    return "## Result: the final encoder, frozen\n\n" + markdown_table(["", "random init", "trained"], rows)
 
 
 def cost_section(cost: ClientCost | None) -> str:
@@ -88,7 +90,47 @@ def cost_section(cost: ClientCost | None) -> str:
             ["bytes down per client per round of participation (mean)", human_bytes(cost.mean_down_per_round)],
             ["bytes up + down per client over the run (mean / max)",
              f"{human_bytes(cost.mean_total_per_client)} / {human_bytes(cost.max_total_per_client)}"]]
-    return "## Client cost\n\n" + _table(["per client", "value"], rows)
+    return "## Client cost\n\n" + markdown_table(["per client", "value"], rows)
+
+
+def reference_section(name: str, ledger: Ledger, cost: ClientCost | None) -> str:
+    """This method's client cost beside its reference's (``Method.reference_cost``), measured the same way."""
+    rows = [r for r in ledger.rows if r["kind"] == REFERENCE_STEP_COST]
+    if not rows or cost is None or not name:
+        return ""
+    ref = rows[-1]
+    uploads = [r for r in ledger.rows if r["kind"] == UPLOAD]
+    participations = len(uploads) / max(1, len({r["client"] for r in uploads}))  # rounds per client (mean)
+    ref_comm = 2 * ref["payload_bytes"] * participations
+
+    def ratio(theirs: float, ours: float) -> str:
+        return f"{theirs / ours:.2f}x" if ours > 0 else "—"
+
+    table = markdown_table(["per client", "this run", "reference", "reference / this run"], [
+        ["peak training memory (measured on a real step)", human_bytes(cost.peak_training_bytes),
+         human_bytes(ref["peak_training_bytes"]), ratio(ref["peak_training_bytes"], cost.peak_training_bytes)],
+        ["FLOPs per image of a training step (measured)", human_flops(cost.flops_per_image),
+         human_flops(ref["flops_per_image"]), ratio(ref["flops_per_image"], cost.flops_per_image)],
+        ["bytes up + down per client over the run (mean)", human_bytes(cost.mean_total_per_client),
+         human_bytes(ref_comm), ratio(ref_comm, cost.mean_total_per_client)]])
+    return (f"## Client cost vs the reference: {name}\n\nThe reference's step is measured on the same client's data "
+            f"at the start of the run; its communication is its real payload ({human_bytes(ref['payload_bytes'])} each "
+            f"way) times the {participations:.1f} rounds a client took part in.\n\n" + table)
+
+
+def figures_section(title: str, figures: list[str]) -> str:
+    """The method's own figures (``Method.write_round_figures``), paths relative to the report."""
+    if not figures:
+        return ""
+    return f"## {title}\n\n" + "\n".join(f"![{Path(f).stem}]({f})" for f in figures) + "\n"
+
+
+def method_figures(folder: Path) -> list[str]:
+    """The PNGs a method wrote into the run's figures/ folder, in natural order (stage2 before stage10)."""
+    def natural(path: Path) -> list[Any]:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+    return [f"{folder.name}/{p.name}" for p in sorted(folder.glob("*.png"), key=natural)]
 
 
 def rounds_section(metrics: list[dict[str, Any]]) -> str:
@@ -104,7 +146,7 @@ def rounds_section(metrics: list[dict[str, Any]]) -> str:
             for m in metrics]
     header = (["round", "loss", "kNN (monitor)", "clients"] + faults + ["images/s", "bytes up", "bytes down"]
               + (["up on the wire", "down on the wire"] if wire else []))
-    return "## Rounds\n\n" + _table(header, rows)
+    return "## Rounds\n\n" + markdown_table(header, rows)
 
 
 def histogram_section(histogram: np.ndarray) -> str:
@@ -117,7 +159,7 @@ def histogram_section(histogram: np.ndarray) -> str:
     note = (f"{histogram.shape[0]} clients; images per client min {sizes.min()}, median {int(np.median(sizes))}, "
             f"max {sizes.max()}; classes per client mean {(histogram > 0).sum(axis=1).mean():.2f}.")
     more = f"\n(first {MAX_HISTOGRAM_ROWS} clients shown; all in plots/clients.png)\n" if len(histogram) > len(shown) else ""
-    return "## Clients: class histogram\n\n" + note + "\n\n" + _table(header, rows) + more + \
+    return "## Clients: class histogram\n\n" + note + "\n\n" + markdown_table(header, rows) + more + \
         "\n![clients](plots/clients.png)\n"
 
 
@@ -156,7 +198,7 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
 
 
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
-                  ledger: Ledger, histogram: np.ndarray) -> str:
+                  ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None) -> str:
     head = (f"# fedssl run: {cfg.method} on {cfg.dataset}\n\n"
             f"{cfg.clients if cfg.method != 'centralized' else 1} client(s), partition `{cfg.partition}` "
             f"(alpha {cfg.alpha}), {cfg.rounds} rounds, sample fraction {cfg.sample_fraction}, "
@@ -169,14 +211,19 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
     plots = "## Curves\n\n![loss](plots/loss.png) ![kNN](plots/knn.png)\n\n"
     config = ("## Config\n\n<details><summary>the resolved config of this run (config.toml)</summary>\n\n"
               "```toml\n" + dumps_toml(to_dict(cfg)) + "```\n\n</details>\n")
-    return "\n".join([head, result_section(initial, final), cost_section(client_cost(ledger)),
-                      rounds_section(metrics), plots, histogram_section(histogram), config])
+    cost = client_cost(ledger)
+    return "\n".join([head, result_section(initial, final), cost_section(cost),
+                      reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost),
+                      rounds_section(metrics), plots,
+                      figures_section(METHODS[cfg.method].figures_title, figures or []),
+                      histogram_section(histogram), config])
 
 
 def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
     """report.md + plots for a finished run."""
     write_plots(outcome.run.plots, outcome.metrics, outcome.histogram, outcome.initial)
-    text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram)
+    text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram,
+                         method_figures(outcome.run.figures))
     atomic_write_text(outcome.run.report, text)
     return outcome.run.report
 

@@ -37,6 +37,7 @@ from fedssl.io import atomic_write_text
 
 __all__ = [
     "DOWNLOAD",
+    "REFERENCE_STEP_COST",
     "STEP_COST",
     "UPLOAD",
     "Ledger",
@@ -52,6 +53,7 @@ UPLOAD = "upload"
 DOWNLOAD = "download"
 STEP_COST = "step_cost"
 SERVER_STEP_COST = "server_step_cost"  # split methods: the server's part of a step
+REFERENCE_STEP_COST = "reference_step_cost"  # the client step of the method's reference (Method.reference_cost)
 
 
 # ---------------------------------------------------------------------------

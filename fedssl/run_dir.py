@@ -8,6 +8,7 @@ Layout::
     RUN_DIR/checkpoints/last.pt  server state after the last completed round
     RUN_DIR/final.json           evaluation of the FINAL encoder
     RUN_DIR/report.md, plots/    the human-readable report
+    RUN_DIR/figures/             the method's own figures (FedMAE: reconstructions at each stage's end)
 
 Every file is written atomically; a failed run never overwrites another run's files.
 """
@@ -62,6 +63,11 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.path / "plots"
+
+    @property
+    def figures(self) -> Path:
+        """The method's own figures (FedMAE: reconstructions), written as the run goes."""
+        return self.path / "figures"
 
 
 def ensure_new_run_dir(path: str | Path) -> RunDir:

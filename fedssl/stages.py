@@ -12,8 +12,12 @@ At stage ``s`` (0-based) the model uses ``layers[:depth]``; of these
   (no activations kept, no grads, no optimizer state, eval mode);
 - ``layers[depth:]`` are *unbuilt*: not used, not held by a client, not sent.
 
-``mode="layerwise"`` (LW-FedSSL, FedMAE): ``first_active`` = where the stage's
-new units begin. ``mode="progressive"`` (Prog-FedSSL): ``first_active = 0``.
+``mode="layerwise"`` (LW-FedSSL, FedMAE's stage-wise cascade): ``first_active`` =
+where the stage's new units begin. ``mode="progressive"`` (Prog-FedSSL):
+``first_active = 0``. ``mode="independent"`` (FedMAE's independent cascade): like
+``layerwise``, but the earlier blocks are *bypassed* (built, not run, not held):
+each new block trains on the stem's output alone, and the blocks are stacked
+only for the final encoder.
 
 Decisions (documented here, tested in tests/methods/test_layerwise.py):
 
@@ -42,8 +46,9 @@ from torch import Tensor, nn
 from fedssl.config import RunConfig
 from fedssl.errors import ConfigError
 from fedssl.models.encoder import Encoder
+from fedssl.models.ssl import SSLModel
 
-MODES = ("layerwise", "progressive")
+MODES = ("layerwise", "progressive", "independent")
 
 
 # ---------------------------------------------------------------- the schedule
@@ -51,19 +56,26 @@ MODES = ("layerwise", "progressive")
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: ``layers[:first_active]`` frozen, ``layers[first_active:depth]`` active."""
+    """One stage: ``layers[:first_active]`` frozen (but the bypassed ones), ``layers[first_active:depth]`` active."""
 
     index: int  # 0-based stage number
-    depth: int  # number of encoder layers used
+    depth: int  # number of encoder layers built
     first_active: int  # first trained / exchanged layer
+    bypassed: tuple[int, ...] = ()  # built earlier layers that this stage neither runs nor holds
 
     @property
     def active(self) -> range:
         return range(self.first_active, self.depth)
 
     @property
-    def frozen(self) -> range:
-        return range(0, self.first_active)
+    def frozen(self) -> list[int]:
+        """The layers run (in this order) without grad before the active ones."""
+        return [i for i in range(self.first_active) if i not in self.bypassed]
+
+    @property
+    def held(self) -> list[int]:
+        """The layers a client holds at this stage: frozen + active."""
+        return [*self.frozen, *self.active]
 
     def end_to_end(self) -> Stage:
         """The same depth with every used layer active (server calibration, Prog-FedSSL)."""
@@ -141,13 +153,18 @@ class StageSchedule:
     @classmethod
     def from_config(cls, cfg: RunConfig, encoder: Encoder | None = None, *, mode: str = "layerwise") -> StageSchedule:
         """The schedule of a run; without an encoder, ViT/ResNet unit ends are derived from ``cfg.model``."""
-        if encoder is not None:
-            ends = unit_ends(encoder)
-        elif cfg.model.arch == "vit":
-            ends = list(range(2, cfg.model.depth + 2))
-        else:
-            ends = list(_accumulate(cfg.model.blocks_per_stage, start=1))
-        return cls.build(ends, cfg.layerwise.blocks_per_stage, cfg=cfg, mode=mode)
+        return cls.build(_unit_ends_of(cfg, encoder), cfg.layerwise.blocks_per_stage, cfg=cfg, mode=mode)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, encoder: Encoder | None = None) -> StageSchedule:
+        """The schedule a staged method runs, in its mode (``stage_mode``).
+
+        FedMAE's ``end-to-end`` cascade is ONE stage of every block over all rounds (the FedAvg of
+        the whole MAE it is compared with); the ``[layerwise]`` stage settings do not apply to it.
+        """
+        if cfg.method == "fedmae" and cfg.mae.cascade == "end-to-end":
+            return cls((_unit_ends_of(cfg, encoder)[-1],), (cfg.rounds,), "layerwise")
+        return cls.from_config(cfg, encoder, mode=stage_mode(cfg))
 
     @property
     def num_stages(self) -> int:
@@ -169,7 +186,8 @@ class StageSchedule:
     def stage(self, index: int) -> Stage:
         depth = self.stage_ends[index]
         first = 0 if (self.mode == "progressive" or index == 0) else self.stage_ends[index - 1]
-        return Stage(index, depth, first)
+        bypassed = tuple(range(1, first)) if self.mode == "independent" else ()  # all but the stem
+        return Stage(index, depth, first, bypassed)
 
     def at_round(self, round_index: int) -> Stage:
         return self.stage(self.stage_index(round_index))
@@ -181,6 +199,24 @@ class StageSchedule:
         """Fraction of its stage done before ``round_index``: 0 at a stage's first round (per-stage LR schedule)."""
         s = self.stage_index(round_index)
         return (round_index - self.first_round(s)) / self.stage_rounds[s]
+
+
+def stage_mode(cfg: RunConfig) -> str:
+    """``progressive`` for Prog-FedSSL, ``independent`` for FedMAE's independent cascade, else ``layerwise``."""
+    if cfg.method == "prog-fedssl":
+        return "progressive"
+    if cfg.method == "fedmae" and cfg.mae.cascade == "independent":
+        return "independent"
+    return "layerwise"
+
+
+def _unit_ends_of(cfg: RunConfig, encoder: Encoder | None) -> list[int]:
+    """Unit ends of the encoder, or of the configured backbone without building it."""
+    if encoder is not None:
+        return unit_ends(encoder)
+    if cfg.model.arch == "vit":
+        return list(range(2, cfg.model.depth + 2))
+    return list(_accumulate(cfg.model.blocks_per_stage, start=1))
 
 
 def _accumulate(values: Iterable[int], start: int) -> Iterator[int]:
@@ -256,13 +292,19 @@ def set_trainable(modules: Iterable[nn.Module], trainable: bool) -> None:
                 p.grad = None
 
 
-def forward_frozen(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
-    """``layers[:first_active]`` in eval mode under ``torch.no_grad()``: (N, C, H, W) -> the first active input."""
-    frozen = encoder.layers[: stage.first_active]
-    for layer in frozen:
+def run_frozen(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """``layers`` in order, in eval mode under ``torch.no_grad()`` (no activations kept, no statistics updated)."""
+    for layer in layers:
         layer.train(False)  # BatchNorm of a frozen layer must not update its statistics
     with torch.no_grad():
-        return encoder.run_layers(x, 0, stage.first_active)
+        for layer in layers:
+            x = layer(x)
+    return x
+
+
+def forward_frozen(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
+    """The stage's frozen layers without grad: (N, C, H, W) -> the first active layer's input."""
+    return run_frozen([encoder.layers[i] for i in stage.frozen], x)
 
 
 def forward_staged(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
@@ -318,12 +360,53 @@ class StagedEncoder(nn.Module):
 
     def held_modules(self) -> list[nn.Module]:
         """What a client holds at this stage: the used layers, the norm and the stage's adapter."""
-        return [*self.backbone.layers[: self.stage.depth], self.backbone.norm, self.adapters[self.stage.index]]
+        return [*(self.backbone.layers[i] for i in self.stage.held), self.backbone.norm, self.adapters[self.stage.index]]
 
     def active_modules(self) -> list[nn.Module]:
         """The trained part at this stage: active layers, the norm and the stage's adapter."""
         s = self.stage
         return [*(self.backbone.layers[i] for i in s.active), self.backbone.norm, self.adapters[s.index]]
+
+
+class StagedModel(SSLModel):
+    """Mixin over an ``SSLModel`` (or the MAE) whose ``encoder`` is a ``StagedEncoder``: the stage plumbing.
+
+    ``set_stage`` moves the online encoder, its momentum copies and the alignment reference
+    (if any) to a stage; only the active part of the encoder and the heads are exchanged;
+    ``held_modules`` is what a client holds at the stage (for memory measurement).
+    """
+
+    encoder: StagedEncoder
+
+    @property
+    def reference(self) -> StagedEncoder | None:
+        """The received global encoder (alignment target), or None."""
+        return getattr(self, "_reference", None)
+
+    def set_reference(self, reference: StagedEncoder | None) -> None:
+        """A plain attribute, not a submodule: never in ``state_dict``, never sent."""
+        object.__setattr__(self, "_reference", reference)
+
+    def set_stage(self, stage: Stage) -> None:
+        """Online encoder: stage + requires_grad; momentum encoders and the reference: the same stage, never trainable."""
+        self.encoder.set_stage(stage)
+        for target, online in self.momentum_pairs:
+            if online == "encoder":
+                getattr(self, target).stage = stage
+        if self.reference is not None:
+            self.reference.stage = stage
+
+    def exchanged_prefixes(self) -> tuple[str, ...]:
+        heads = tuple(f"{name}." for name in self.online_names if name != "encoder")
+        return self.encoder.active_prefixes("encoder.") + heads
+
+    def held_modules(self) -> list[nn.Module]:
+        """Held layers, norm, adapter, every other online module (heads, decoder), momentum encoders' active part."""
+        encoders = {"encoder"} | {target for target, online in self.momentum_pairs if online == "encoder"}
+        held = self.encoder.held_modules()
+        for target in encoders - {"encoder"}:
+            held += getattr(self, target).active_modules()
+        return held + [module for name, module in self.named_children() if name not in encoders]
 
 
 class TruncatedEncoder(Encoder):
@@ -347,7 +430,7 @@ def encoder_at(backbone: Encoder, depth: int) -> Encoder:
 
 
 __all__ = [
-    "LayerVersions", "MODES", "Stage", "StageSchedule", "StagedEncoder", "TruncatedEncoder", "count_units", "encoder_at",
-    "forward_frozen", "forward_staged", "layer_prefixes", "make_adapter", "select_state", "set_trainable",
-    "stage_rounds", "unit_ends",
+    "LayerVersions", "MODES", "Stage", "StageSchedule", "StagedEncoder", "StagedModel", "TruncatedEncoder", "count_units", "encoder_at",
+    "forward_frozen", "forward_staged", "layer_prefixes", "make_adapter", "run_frozen", "select_state",
+    "set_trainable", "stage_mode", "stage_rounds", "unit_ends",
 ]

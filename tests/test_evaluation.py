@@ -153,3 +153,49 @@ def test_evaluate_end_to_end() -> None:
     assert result.knn_acc == 1.0 and result.probe_acc == 1.0 and result.feature_dim == 3
     no_probe = evaluate(encoder, images[:60], labels[:60], images[60:], labels[60:], transform=_to_float, probe=False)
     assert no_probe.as_dict() == {"knn_acc": no_probe.knn_acc, "probe_acc": None, "feature_dim": 3}
+
+
+class _TinyEncoder(nn.Module):
+    """(N, 3, 8, 8) -> (N, 4): a conv and a mean pool, frozen like a layer-wise stage (requires_grad off)."""
+
+    feature_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def _colour_images(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """uint8 (n, 3, 8, 8) images whose class (0..2) is the dominant colour channel, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 3, 8, 8), generator=g)
+    images[torch.arange(n), labels] += 150
+    return images.to(torch.uint8), labels
+
+
+def test_fine_tune_trains_a_copy_and_scores_test_once() -> None:
+    from fedssl.evaluation import fine_tune
+
+    torch.manual_seed(0)
+    encoder = _TinyEncoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    train_x, train_y = _colour_images(240, 1)
+    test_x, test_y = _colour_images(90, 2)
+    to_float = lambda x: x.float() / 255  # noqa: E731
+    result = fine_tune(encoder, train_x, train_y, test_x, test_y, augment=to_float, transform=to_float, epochs=15,
+                       lr=0.05, weight_decay=0.0, batch_size=32, num_classes=3)
+    assert result["test_acc"] > 0.9 and result["train_acc"] > 0.8  # chance is 1/3
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items()), "the encoder itself is untouched"
+    assert not any(p.requires_grad for p in encoder.parameters())
+    again = fine_tune(encoder, train_x, train_y, test_x, test_y, augment=to_float, transform=to_float, epochs=15,
+                      lr=0.05, weight_decay=0.0, batch_size=32, num_classes=3)
+    assert again == result  # seeded
+    renamed = fine_tune(encoder, train_x, (train_y + 1) % 3, test_x, test_y, augment=to_float, transform=to_float,
+                        epochs=15, lr=0.05, weight_decay=0.0, batch_size=32, num_classes=3)
+    assert renamed["train_acc"] > 0.8 and renamed["test_acc"] < 0.1  # it learns the TRAIN labels; test only scores

@@ -23,7 +23,7 @@ from fedssl.errors import FedSSLError
 from fedssl.evaluation import evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
-from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
+from fedssl.resources import DOWNLOAD, REFERENCE_STEP_COST, UPLOAD, Ledger, payload_bytes
 from fedssl.report import finish_run
 from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
                              write_jsonl)
@@ -184,8 +184,7 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
         first_round, metrics, ledger = 0, [], Ledger(rows=[])
         observer.message("evaluating the random-init encoder (kNN + linear probe) ...")
         initial = full_evaluation(method, fed, cfg, device)
-        cost = method.measure_client_step(fed.client_data(_largest_client(fed)))
-        ledger.record_step_cost(round=0, client=_largest_client(fed), cost=cost)
+        measure_client_costs(method, fed, ledger)
     else:
         method.load_state_dict(checkpoint["method"])
         first_round, metrics, initial = checkpoint["round"], checkpoint["metrics"], checkpoint["initial"]
@@ -195,6 +194,7 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
     runner.begin(method)
     for r in range(first_round, cfg.rounds):
         row = runner.run_round(method, r, ledger, observer)
+        method.write_round_figures(r, run.figures, fed.test)
         last = r + 1 == cfg.rounds
         if (cfg.eval.every and (r + 1) % cfg.eval.every == 0) or last:
             row["knn_acc"] = knn_monitor(method, fed, cfg, device)
@@ -210,6 +210,17 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
     outcome = RunOutcome(run, metrics, initial, final, ledger, fed.histogram())
     finish_run(outcome, cfg)
     return outcome
+
+
+def measure_client_costs(method: Method, fed: Federation, ledger: Ledger) -> None:
+    """One real measured step of the largest client, and of the method's reference if it has one."""
+    client = _largest_client(fed)
+    data = fed.client_data(client)
+    ledger.record_step_cost(round=0, client=client, cost=method.measure_client_step(data))
+    reference = method.reference_cost(data)
+    if reference is not None:
+        ledger.record(round=0, client=client, kind=REFERENCE_STEP_COST, payload_bytes=reference.payload_bytes,
+                      **reference.cost.as_dict())
 
 
 def _largest_client(fed: Federation) -> int:
@@ -243,6 +254,32 @@ def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
     cfg = replace(cfg, eval=replace(cfg.eval, probe=probe))
     result = full_evaluation(method, fed, cfg, device)
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def finetune_run(path: str | Path, *, epochs: int | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Fine-tune a finished run's FINAL encoder with a linear head (``eval.finetune_*``, or the arguments);
+    scored once on the test split; written to RUN_DIR/finetune.json."""
+    import json
+    from dataclasses import replace
+
+    from fedssl.config import validate
+    from fedssl.data.augment import MaskedViewAugment
+    from fedssl.evaluation import fine_tune
+    from fedssl.io import atomic_write_text
+
+    cfg, run, method, fed, device = _restore(path)
+    ev = replace(cfg.eval, finetune_epochs=epochs or cfg.eval.finetune_epochs, finetune_lr=lr or cfg.eval.finetune_lr)
+    cfg = validate(replace(cfg, eval=ev))
+    info = fed.train.info
+    crop_flip = MaskedViewAugment(int(fed.train.images.shape[-1]), info.mean, info.std, channels=info.channels).to(device)
+    result = fine_tune(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
+                       augment=lambda images: crop_flip(images)[0], transform=eval_transform(fed, device),
+                       epochs=ev.finetune_epochs, lr=ev.finetune_lr, weight_decay=ev.finetune_weight_decay,
+                       batch_size=ev.finetune_batch_size, device=device, seed=cfg.seed,
+                       num_classes=info.num_classes)
+    result = {**result, "epochs": ev.finetune_epochs, "lr": ev.finetune_lr}
+    atomic_write_text(run.path / "finetune.json", json.dumps(result, indent=2, sort_keys=True))
     return result
 
 

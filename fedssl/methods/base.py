@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -58,6 +59,14 @@ class ClientResult:
     held: Payload | None = None
 
 
+@dataclass(frozen=True)
+class ReferenceCost:
+    """What the same client would pay under the method's reference (e.g. end-to-end FedAvg of the same model)."""
+
+    cost: StepCost  # one real client step of the reference, measured
+    payload_bytes: int  # its payload each way per round of participation
+
+
 class Method(ABC):
     """What every method offers the engines: the global encoder, resumable state, a measured client step."""
 
@@ -77,6 +86,21 @@ class Method(ABC):
     def describe(cls, cfg: RunConfig) -> str:
         """A sentence for the run's report on the method's own settings ("" = nothing to add)."""
         return ""
+
+    @classmethod
+    def reference_name(cls, cfg: RunConfig) -> str:
+        """What ``reference_cost`` measures, for the report ("" = no reference)."""
+        return ""
+
+    def reference_cost(self, data: ImageData) -> ReferenceCost | None:
+        """The client cost of the method's reference on ``data`` (see ``ReferenceCost``), or None."""
+        return None
+
+    figures_title: ClassVar[str] = "Figures"  # the report's heading over ``write_round_figures``' PNGs
+
+    def write_round_figures(self, round_index: int, folder: Path, test: ImageData) -> list[Path]:
+        """After a round's aggregation: PNGs of the model for the report (FedMAE: reconstructions); [] = none."""
+        return []
 
     @abstractmethod
     def encoder(self) -> Encoder:

@@ -31,51 +31,33 @@ from torch import Tensor, nn
 from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
 from fedssl.losses import cosine_distance, mse_distance
-from fedssl.methods.base import MethodContext, Payload, build_backbone, measure_ssl_step
+from fedssl.methods.base import MethodContext, Payload, ReferenceCost, build_backbone, measure_ssl_step
 from fedssl.methods.fedavg import FedAvgSSL
 from fedssl.models.encoder import Encoder
 from fedssl.models.momentum import copy_weights, deactivate_requires_grad
 from fedssl.models.ssl import SSL_MODELS, SSLModel
-from fedssl.resources import StepCost
-from fedssl.stages import LayerVersions, Stage, StagedEncoder, StageSchedule, encoder_at, layer_prefixes, select_state
+from fedssl.resources import StepCost, payload_bytes
+from fedssl.stages import (LayerVersions, Stage, StagedEncoder, StagedModel, StageSchedule, encoder_at, layer_prefixes,
+                           select_state)
 from fedssl.training import LocalStats, derive_seed, make_optimizer, train_local
 
 DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_distance, "mse": mse_distance}
 
 
-class StagedSSL(SSLModel):
-    """Mixin over an ``SSLModel`` whose ``encoder`` is a ``StagedEncoder``.
+class StagedSSL(StagedModel):
+    """Mixin over an ``SSLModel`` whose ``encoder`` is a ``StagedEncoder`` (see ``StagedModel``).
 
     The loss runs the frozen layers ONCE per view (no grad) and hands their output
     to the objective's own loss, whose online and momentum encoders run only the
-    active layers. Only the active part and the heads are exchanged.
+    active layers. With ``align_weight`` > 0 it adds the alignment term.
     """
 
-    encoder: StagedEncoder
     align_weight: float = 0.0
     align_distance: str = "cosine"
 
-    def set_stage(self, stage: Stage) -> None:
-        """Online encoder: stage + requires_grad; momentum encoder: the same stage, never trainable."""
-        self.encoder.set_stage(stage)
-        for target, online in self.momentum_pairs:
-            if online == "encoder":
-                getattr(self, target).stage = stage
-        reference = getattr(self, "_reference", None)
-        if reference is not None:
-            reference.stage = stage
-
-    def set_reference(self, reference: StagedEncoder | None) -> None:
-        """The received global encoder (alignment target); a plain attribute, not a submodule (not in state_dict)."""
-        object.__setattr__(self, "_reference", reference)
-
-    def exchanged_prefixes(self) -> tuple[str, ...]:
-        heads = tuple(f"{name}." for name in self.online_names if name != "encoder")
-        return self.encoder.active_prefixes("encoder.") + heads
-
     def loss(self, view1: Tensor, view2: Tensor) -> Tensor:
         h1, h2 = self.encoder.trunk(view1), self.encoder.trunk(view2)  # frozen part, shared by both branches
-        reference: StagedEncoder | None = getattr(self, "_reference", None)
+        reference = self.reference
         if not self.align_weight or reference is None:
             return super().loss(h1, h2)  # type: ignore[safe-super]
         self.encoder.record = []
@@ -91,19 +73,16 @@ class StagedSSL(SSLModel):
 
     def alignment_term(self, view: Tensor) -> Tensor:
         """distance(local, reference) on one batch of views (0 when they hold the same weights)."""
-        reference: StagedEncoder = getattr(self, "_reference")
+        reference = self.reference
+        assert reference is not None, "set_reference first"
         h = self.encoder.trunk(view)
         return DISTANCES[self.align_distance](self.encoder(h), reference(h))
 
     def held_modules(self) -> list[nn.Module]:
-        """What a client holds at this stage: used layers, norm, adapter, heads, the momentum branch's active part."""
-        encoders = {"encoder"} | {target for target, online in self.momentum_pairs if online == "encoder"}
-        held = self.encoder.held_modules()
-        for target in encoders - {"encoder"}:
-            held += getattr(self, target).active_modules()
-        held += [module for name, module in self.named_children() if name not in encoders]
-        reference = getattr(self, "_reference", None)
-        return held + (reference.active_modules() if reference is not None and self.align_weight else [])
+        """What a client holds at this stage (``StagedModel``), plus the alignment target's active part."""
+        reference = self.reference
+        return super().held_modules() + (reference.active_modules() if reference is not None and self.align_weight
+                                         else [])
 
 
 _STAGED_CLASSES: dict[str, type[SSLModel]] = {}
@@ -132,9 +111,7 @@ def load_subset(model: nn.Module, state: Payload) -> None:
 
 
 class StagedFedSSL(FedAvgSSL):
-    """FedAvg of a stage-wise SSL model; ``mode`` is ``layerwise`` or ``progressive``."""
-
-    mode: ClassVar[str]
+    """FedAvg of a stage-wise SSL model; the schedule's mode follows the method (``fedssl.stages.stage_mode``)."""
 
     def __init__(self, ctx: MethodContext) -> None:
         self.objective = ctx.cfg.layerwise.objective  # type: ignore[misc]
@@ -159,7 +136,7 @@ class StagedFedSSL(FedAvgSSL):
 
     def build_global_model(self) -> SSLModel:
         self.backbone = build_backbone(self.ctx)
-        self.schedule = StageSchedule.from_config(self.cfg, self.backbone, mode=self.mode)
+        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
         return build_staged_model(self.objective, self.backbone, self.schedule, self.cfg).to(self.ctx.device)
 
     def enter_round(self, round_index: int) -> Stage:
@@ -268,10 +245,10 @@ class StagedFedSSL(FedAvgSSL):
 
     # ------------------------------------------------------------ cost
 
-    def measure_stage(self, data: ImageData, stage_index: int) -> StepCost:
-        """One real client step at ``stage_index``, counting only what a client holds at that stage."""
+    def measure_stage(self, data: ImageData, stage: Stage) -> StepCost:
+        """One real client step at ``stage``, counting only what a client holds at that stage."""
         worker, current = self.worker, self.stage
-        worker.set_stage(self.schedule.stage(stage_index))  # type: ignore[attr-defined]
+        worker.set_stage(stage)  # type: ignore[attr-defined]
         try:
             return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, self.augment,
                                     held=lambda m: m.held_modules())  # type: ignore[attr-defined]
@@ -281,22 +258,41 @@ class StagedFedSSL(FedAvgSSL):
     def measure_client_step(self, data: ImageData) -> StepCost:
         """The larger peak of the first stage (stem + block 1 trained) and the last (most frozen / whole model)."""
         stages = sorted({0, self.schedule.num_stages - 1})
-        return max((self.measure_stage(data, s) for s in stages), key=lambda cost: cost.peak_training_bytes)
+        return max((self.measure_stage(data, self.schedule.stage(s)) for s in stages),
+                   key=lambda cost: cost.peak_training_bytes)
+
+    def end_to_end_stage(self) -> Stage:
+        """Every layer of the final model trained at once: what FedAvg of the whole model asks of a client."""
+        last = self.schedule.last()
+        return Stage(last.index, last.depth, 0)
+
+    @classmethod
+    def reference_name(cls, cfg: RunConfig) -> str:
+        return "end-to-end: FedAvg of the whole model of the same final depth"
+
+    def reference_cost(self, data: ImageData) -> ReferenceCost:
+        """The client step and per-round payload of the end-to-end model (``end_to_end_stage``), measured."""
+        stage, current = self.end_to_end_stage(), self.stage
+        cost = self.measure_stage(data, stage)
+        self.worker.set_stage(stage)  # type: ignore[attr-defined]
+        try:
+            payload = payload_bytes(self.worker.exchanged_state())
+        finally:
+            self.worker.set_stage(current)  # type: ignore[attr-defined]
+        return ReferenceCost(cost, payload)
 
 
 class LWFedSSL(StagedFedSSL):
     name = "lw-fedssl"
-    mode = "layerwise"
 
 
 class ProgFedSSL(StagedFedSSL):
     name = "prog-fedssl"
-    mode = "progressive"
 
 
 def describe_run(cfg: RunConfig) -> str:
     """One sentence for a run's report: the stages and whether calibration / alignment were used."""
-    schedule = StageSchedule.from_config(cfg, mode="progressive" if cfg.method == "prog-fedssl" else "layerwise")
+    schedule = StageSchedule.for_run(cfg)
     cal, al = cfg.calibration, cfg.alignment
     calibration = (f"on ({100 * cal.aux_fraction:g}% of the training split held out for the server, {cal.steps} "
                    f"steps per round, scope {cal.scope})") if cal.aux_fraction > 0 else "off"

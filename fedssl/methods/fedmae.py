@@ -1,0 +1,87 @@
+"""FedMAE: one-block masked auto-encoders trained by weak clients, cascaded by the server into a ViT.
+
+Only the paper's abstract is public; what follows is this project's design (see
+``../shared/METHODS.md`` section 3 and the README):
+
+- every client trains a ONE-block MAE (``fedssl.models.mae``): patch embedding + fixed
+  sin-cos positions, one transformer block on the visible patches (``mae.mask_ratio``),
+  a light decoder, normalised-pixel MSE on the masked patches;
+- ``mae.cascade = "stagewise"`` (default): stage k trains block k by FedAvg rounds on top
+  of the frozen cascade of blocks 1..k-1, which runs on the visible patches only, without
+  grad (clients download each frozen block once, counted); at the end of the stage block k
+  joins the cascade. After L stages the cascade is an L-block ViT encoder;
+- ``"independent"``: every block trains on the (frozen) patch embeddings alone and the
+  blocks are stacked for the final encoder (the cheap ablation; clients hold one block);
+- ``"end-to-end"``: one stage, FedAvg of the whole L-block MAE (what FedMAE is compared with);
+- the patch embedding trains with the first block and is frozen afterwards; the encoder's
+  final LayerNorm and the decoder train in every stage and travel with the active block.
+
+It is the stage machinery of LW-FedSSL (``StagedFedSSL``: schedule, frozen-layer
+downloads, FedAvg of the active part, per-stage cosine LR) with an MAE in place of the
+contrastive model: one mechanism, not two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedssl.config import RunConfig
+from fedssl.data.augment import MaskedViewAugment
+from fedssl.data.datasets import ImageData
+from fedssl.methods.base import build_backbone
+from fedssl.methods.layerwise import StagedFedSSL
+from fedssl.models.mae import MaskedAutoencoder
+from fedssl.reconstructions import save_reconstructions
+from fedssl.stages import StagedEncoder, StageSchedule
+from fedssl.training import Augment, derive_seed
+
+PICTURE_SEED = 0xFAE  # the same patches are hidden in every stage's pictures
+
+
+class FedMAE(StagedFedSSL):
+    name = "fedmae"
+    figures_title = "Reconstructions at the end of each stage: masked input / reconstruction / original"
+
+    def build_global_model(self) -> MaskedAutoencoder:  # type: ignore[override]
+        self.backbone = build_backbone(self.ctx)
+        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
+        model = MaskedAutoencoder(StagedEncoder(self.backbone, self.schedule.stage_ends), self.cfg.ssl, self.cfg.mae)
+        model.set_stage(self.schedule.stage(0))
+        return model.to(self.ctx.device)
+
+    def build_augment(self) -> Augment:
+        info = self.ctx.info
+        return MaskedViewAugment(self.ctx.image_size, info.mean, info.std, channels=info.channels).to(self.ctx.device)
+
+    @classmethod
+    def describe(cls, cfg: RunConfig) -> str:
+        schedule, mae = StageSchedule.for_run(cfg), cfg.mae
+        stages = ("one stage: FedAvg of the whole MAE" if mae.cascade == "end-to-end" else
+                  f"{schedule.num_stages} stages of {cfg.layerwise.blocks_per_stage} block(s)")
+        return (f"FedMAE, {mae.cascade} cascade ({stages}), rounds per stage {list(schedule.stage_rounds)}; mask ratio "
+                f"{mae.mask_ratio:g}, decoder {mae.decoder_depth} block(s) of width {mae.decoder_width}, "
+                f"{'normalised-pixel' if mae.norm_pix else 'pixel'} targets. The cascade design is this project's: "
+                "only the paper's abstract is public.")
+
+    @classmethod
+    def reference_name(cls, cfg: RunConfig) -> str:
+        return f"end-to-end federated MAE of the same depth ({cfg.model.depth} blocks, every block trained)"
+
+    def stage_ends_at(self, round_index: int) -> bool:
+        """Whether ``round_index`` is the last round of its stage."""
+        s = self.schedule.stage_index(round_index)
+        return round_index + 1 == self.schedule.first_round(s) + self.schedule.stage_rounds[s]
+
+    def write_round_figures(self, round_index: int, folder: Path, test: ImageData) -> list[Path]:
+        """At the end of each stage: masked input / reconstruction / original of the first test images."""
+        count = min(self.cfg.mae.pictures, len(test))
+        if not count or not self.stage_ends_at(round_index):
+            return []
+        stage = self.enter_round(round_index)
+        info = self.ctx.info
+        path = folder / f"reconstructions-stage{stage.index + 1}.png"
+        title = (f"stage {stage.index + 1}/{self.schedule.num_stages} (round {round_index + 1}): "
+                 f"{len(stage.held) - 1} block(s), mask {self.cfg.mae.mask_ratio:g}")
+        images = test.images[:count].to(self.ctx.device)
+        return [save_reconstructions(self.global_model, images, info.mean, info.std, path, title=title,  # type: ignore[arg-type]
+                                     seed=derive_seed(self.cfg.seed, PICTURE_SEED))]
