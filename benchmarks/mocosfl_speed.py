@@ -5,8 +5,12 @@
 Every setting trains the network of configs/cifar10/mocosfl.toml (ResNet-18 width 16, GroupNorm, cut 1)
 with the SAME server batch (default 1,000 images per step): centralized MoCo v2 with batch 1,000;
 MocoSFL with 10 clients x 100 images, 100 x 10 and 1,000 x 1, all clients of a step in one batched
-call on stacked weights; and MocoSFL with 1,000 x 1 simulated one client after another
-(``split.simulate = "loop"``, the same maths). Each setting runs in its own subprocess (so its peak
+call on stacked weights; MocoSFL with 1,000 x 1 simulated one client after another
+(``split.simulate = "loop"``, the same stacked maths one client at a time); and the reference code's
+way, the plain per-client loop: 1,000 client-net copies (online + momentum ``nn.Module``s), 1,000
+``torch.optim.SGD``s, and per step a Python loop over the clients (augment its image, forward; after
+the ONE shared server step: backward, optimizer step, EMA), FedAvg of the module copies at the sync.
+The server step is the same code in every MocoSFL setting. Each setting runs in its own subprocess (so its peak
 resident memory, ru_maxrss, is its own): one warm-up step, then one timed round of ``--steps`` steps;
 the whole sequence runs ``--repeats`` times and each setting reports its fastest run.
 Printed side by side: images/s, the ratio to centralized, the seconds per step spent in the client
@@ -46,9 +50,71 @@ def settings(server_batch: int) -> list[tuple[str, list[str]]]:
     for clients in (10, 100, 1000):
         out.append((f"MocoSFL {clients:,} clients x {server_batch // clients}, batched",
                     [f"clients={clients}", f"split.client_batch={server_batch // clients}"]))
-    out.append((f"MocoSFL 1,000 clients x {server_batch // 1000}, per-client loop",
+    out.append((f"MocoSFL 1,000 clients x {server_batch // 1000}, stacked maths one client at a time",
                 ["clients=1000", f"split.client_batch={server_batch // 1000}", "split.simulate=loop"]))
+    out.append((f"MocoSFL 1,000 clients x {server_batch // 1000}, plain per-client loop (reference code)",
+                ["clients=1000", f"split.client_batch={server_batch // 1000}", REFERENCE_LOOP]))
     return out
+
+
+REFERENCE_LOOP = "reference-loop"  # not a config key: the child runs ``reference_loop`` instead of the engine
+
+
+def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) -> int:
+    """``steps`` steps the reference code's way (module copies, one optimizer each, a loop); returns images."""
+    import copy
+
+    from fedssl.models.momentum import deactivate_requires_grad, ema_update
+
+    cfg, n, batch = method.cfg, method.num_clients, method.split.client_batch
+    online = [copy.deepcopy(method.client_net) for _ in range(n)]
+    momentum = [copy.deepcopy(net) for net in online]
+    for net in momentum:
+        deactivate_requires_grad(net)
+    optimizers = [torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum,
+                                  weight_decay=cfg.weight_decay) for net in online]
+    images = [fed.client_data(i).images for i in range(n)]
+    clients = torch.arange(n)
+
+    def step(s: int) -> None:
+        start = time.perf_counter()
+        queries, keys = [], []
+        for i in range(n):
+            rows = torch.arange(s * batch, (s + 1) * batch) % len(images[i])
+            augment_start = time.perf_counter()
+            view1, view2 = method.augment(images[i][rows])  # each client augments its own images
+            totals["augment"] += time.perf_counter() - augment_start
+            queries.append(online[i](view1))
+            with torch.no_grad():
+                keys.append(momentum[i](view2))
+        totals["client"] += time.perf_counter() - start
+        start = time.perf_counter()
+        result = method.server_step(torch.stack([q.detach() for q in queries]), torch.stack(keys), clients, cfg.lr)
+        totals["server"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(n):
+            queries[i].backward(result.grad[i])
+            optimizers[i].step()
+            optimizers[i].zero_grad(set_to_none=True)
+            ema_update(momentum[i], online[i], cfg.ssl.momentum)
+        totals["client"] += time.perf_counter() - start
+
+    def sync() -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for nets in (online, momentum):
+                averaged = [torch.stack(ps).mean(0) for ps in zip(*(list(net.parameters()) for net in nets))]
+                for net in nets:
+                    for p, a in zip(net.parameters(), averaged):
+                        p.copy_(a)
+        totals["client"] += time.perf_counter() - start
+
+    step(0)  # warm-up
+    totals.clear()
+    for s in range(1, steps + 1):
+        step(s)
+    sync()
+    return steps * n * batch
 
 
 def _timed(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callable[..., Any]:
@@ -70,11 +136,19 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     from fedssl.resources import Ledger
 
     torch.set_num_threads(threads)
+    reference = REFERENCE_LOOP in overrides
     cfg = make_config(load_toml(PRESET), [f"split.sync_every={steps}", f"local_steps={steps}", "rounds=10",
-                                          *overrides])
+                                          *(o for o in overrides if o != REFERENCE_LOOP)])
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
     method = build_method(MethodContext(cfg, fed.train.info, torch.device(cfg.device)))
     totals: dict[str, float] = defaultdict(float)
+    if reference:
+        images = reference_loop(method, fed, steps, totals)
+        seconds = totals["client"] + totals["server"]  # the timed steps and the sync: all the loop does
+        return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+                "client_s_per_step": totals["client"] / steps, "server_s_per_step": totals["server"] / steps,
+                "augment_s_per_step": totals["augment"] / steps,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if cfg.method == "mocosfl":
         method.client_forward = _timed(method.client_forward, totals, "client")
         method.client_update = _timed(method.client_update, totals, "client")
@@ -152,10 +226,13 @@ def main() -> None:
                       "—" if r["server_s_per_step"] is None else f"{r['server_s_per_step']:.3f}",
                       fmt_bytes(r["peak_rss_bytes"]))
     console.print(table)
-    batched, looped = rows[3], rows[4]
+    batched, looped = rows[3], rows[-1]
     summary = (f"1,000 clients, batched: {batched['images_per_s'] / base:.2f}x centralized images/s; "
-               f"{batched['images_per_s'] / looped['images_per_s']:.1f}x the per-client loop overall, "
-               f"{looped['client_s_per_step'] / batched['client_s_per_step']:.1f}x on the client side of the step.")
+               f"{batched['images_per_s'] / looped['images_per_s']:.1f}x the plain per-client loop overall, "
+               f"{looped['client_s_per_step'] / batched['client_s_per_step']:.1f}x on the client side of the step "
+               f"(the server step, the same code in both, takes {batched['server_s_per_step']:.2f} s of every "
+               f"{batched['seconds'] / args.steps:.2f} s batched step). Of the plain loop's client side, "
+               f"{looped['augment_s_per_step']:.1f} s per step is augmenting one client's image at a time.")
     machine = (f"{datetime.date.today().isoformat()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPU "
                f"cores, torch {torch.__version__}, {args.threads} threads")
     console.print(summary)

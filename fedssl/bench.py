@@ -85,3 +85,59 @@ def run_overhead_benchmark(console: Console, *, data_dir: str = "") -> list[dict
                       human_bytes(r["bytes_per_round"]))
     console.print(table)
     return rows
+
+
+# ---------------------------------------------------------------- fedssl bench compare
+
+
+def machine_description() -> str:
+    import os
+    import platform
+
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)"
+            + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"))
+
+
+def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, docs: Path, extra: list[str],
+                reliability: bool = True) -> Path:
+    """Run (or continue) every setting of a comparison preset, then write docs/RESULTS.md and its plots."""
+    import datetime
+
+    from fedssl.compare import COMPARE_PRESETS, build_grid, run_comparison
+    from fedssl.errors import FedSSLError
+    from fedssl.io import atomic_write_text
+    from fedssl.reliability import checks_to_json, reliability_section, run_checks
+    from fedssl.results_page import HEADLINE_GROUP, fold_seeds, plot_tradeoff, render_results_page
+
+    if preset not in COMPARE_PRESETS:
+        raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
+    spec = COMPARE_PRESETS[preset]
+    settings = build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra])
+    started = time.perf_counter()
+
+    def progress(index: int, setting: Any) -> None:
+        console.print(f"[{index + 1}/{len(settings)}] {setting.label} — {setting.group or 'pooled data'} "
+                      f"(seed {setting.config().seed}) [dim]{time.perf_counter() - started:.0f} s[/dim]")
+
+    rows = run_comparison(settings, runs, progress)
+    atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
+    folded = fold_seeds(rows)
+    plots = [plot_tradeoff(folded, "memory", "client peak training memory (bytes, measured)",
+                           docs / "results" / "accuracy-vs-memory.png", f"{preset}: {HEADLINE_GROUP}"),
+             plot_tradeoff(folded, "comm", "bytes up + down per client over the run",
+                           docs / "results" / "accuracy-vs-communication.png", f"{preset}: {HEADLINE_GROUP}")]
+    when = datetime.date.today().isoformat()
+    section = ""
+    if reliability:
+        checks = run_checks(lambda name: console.print(f"[dim]reliability: {name} ...[/dim]"))
+        atomic_write_text(runs / "reliability.json", checks_to_json(checks))
+        section = reliability_section(checks, when)
+    command = f"fedssl bench compare --preset {preset}" + (f" --data-dir {data_dir}" if data_dir else "")
+    text = render_results_page(spec, rows, when=when, machine=machine_description(), command=command,
+                               plots=[str(p.relative_to(docs)) for p in plots], reliability=section)
+    out = docs / "RESULTS.md"
+    docs.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    console.print(f"written: {out} ({len(rows)} runs, {(time.perf_counter() - started) / 60:.1f} min)")
+    return out

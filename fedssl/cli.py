@@ -1,4 +1,4 @@
-"""The command line: ``fedssl run | eval | export | report | bench``.
+"""The command line: ``fedssl run | eval | finetune | export | report | bench``.
 
 Every error a user can cause prints one line (``fedssl: error: ...``) that names
 the fix and exits with status 2.
@@ -159,6 +159,18 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
+    from fedssl.engines.local import finetune_run
+
+    if (args.epochs is not None and args.epochs < 1) or (args.lr is not None and args.lr <= 0):
+        raise FedSSLError("--epochs must be >= 1 and --lr > 0; e.g. fedssl finetune RUN_DIR --epochs 10 --lr 1e-3")
+    console.print(f"[dim]fine-tuning the final encoder of {args.run_dir} with a linear head ...[/dim]")
+    result = finetune_run(args.run_dir, epochs=args.epochs, lr=args.lr)
+    console.print(f"fine-tuned {result['epochs']} epochs: test accuracy {100 * result['test_acc']:.2f}% "
+                  f"(train {100 * result['train_acc']:.2f}%); written to {Path(args.run_dir) / 'finetune.json'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import export_run
 
@@ -176,8 +188,13 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from fedssl.bench import run_overhead_benchmark
+    from fedssl.bench import run_compare, run_overhead_benchmark
 
+    if args.name == "compare":
+        runs = Path(args.runs) if args.runs else Path("runs") / f"compare-{args.preset}"
+        run_compare(console, preset=args.preset, data_dir=args.data_dir, runs=runs, docs=Path(args.docs),
+                    extra=args.set or [], reliability=not args.no_reliability)
+        return 0
     run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
 
@@ -203,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-probe", action="store_true", help="kNN only")
     ev.set_defaults(func=cmd_eval)
 
+    ft = sub.add_parser("finetune", help="fine-tune the final encoder + a linear head on the labelled train split")
+    ft.add_argument("run_dir")
+    ft.add_argument("--epochs", type=int, help="epochs (default: the run's eval.finetune_epochs)")
+    ft.add_argument("--lr", type=float, help="AdamW learning rate (default: the run's eval.finetune_lr)")
+    ft.set_defaults(func=cmd_finetune)
+
     ex = sub.add_parser("export", help="write the final encoder as a TorchScript module")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="file to write, e.g. encoder.pt")
@@ -217,8 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
-    bench.add_argument("name", choices=["overhead"], help="overhead: centralized vs federated images/s and memory")
+    bench.add_argument("name", choices=["overhead", "compare"],
+                       help="overhead: centralized vs federated images/s and memory; compare: every method on the "
+                            "same data, written to docs/RESULTS.md (resumable)")
     bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
+    bench.add_argument("--preset", default="cpu-small", help="compare: cpu-small (about an hour on 2 CPU cores) or "
+                                                             "gpu-paper (the papers' scale, for a GPU)")
+    bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
+                                      "run again to continue a killed comparison")
+    bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md and its plots go")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run")
+    bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
     bench.set_defaults(func=cmd_bench)
     return parser
 
