@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.compare import Setting, run_comparison  # noqa: E402
 from fedssl.config import load_toml  # noqa: E402
+from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.report import markdown_table  # noqa: E402
 from fedssl.resources import human_bytes, human_flops  # noqa: E402
 
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_comparison(settings(args), Path(args.runs), progress)
     text = render(rows, args)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)
     return 0
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.config import load_toml, make_config  # noqa: E402
 from fedssl.data.datasets import load_split  # noqa: E402
+from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.methods.base import ClientResult, MethodContext  # noqa: E402
 from fedssl.methods.fedmae import FedMAE  # noqa: E402
 from fedssl.report import markdown_table  # noqa: E402
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for depth in args.depths for row in measure(depth, args, data)]
     text = render(rows, args)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)
     return 0
 
 

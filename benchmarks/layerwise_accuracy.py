@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.config import load_toml, make_config  # noqa: E402
 from fedssl.engines.local import start_run  # noqa: E402
+from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.resources import human_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     text = render(rows, args)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)
     return 0
 
 

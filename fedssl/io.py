@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_savefig", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
 
 
 @contextlib.contextmanager
@@ -68,3 +68,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)`` atomically: a failed pickle leaves the old file in place."""
     with _atomic_file(path) as handle:
         torch.save(obj, handle)
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    with _atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fedssl.data.augment import Normalize, to_float
-from fedssl.io import atomic_write_bytes
+from fedssl.io import atomic_savefig
 from fedssl.models.mae import MaskedAutoencoder
 from fedssl.models.vit import patchify, unpatchify
 
@@ -78,12 +77,7 @@ def save_reconstructions(model: MaskedAutoencoder, images: Tensor, mean: Sequenc
             axes[i, j].axis("off")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_savefig(fig, path, dpi=100)
 
 
 __all__ = ["reconstruction_triplets", "save_reconstructions"]

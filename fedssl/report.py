@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedssl.config import RunConfig, dumps_toml, to_dict
-from fedssl.io import atomic_write_text
+from fedssl.io import atomic_savefig, atomic_write_text
 from fedssl.resources import (DOWNLOAD, REFERENCE_STEP_COST, SERVER_STEP_COST, STEP_COST, UPLOAD, Ledger, human_bytes,
                               human_flops)
 from fedssl.errors import FedSSLError
@@ -185,16 +185,14 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
         ax.set_xlim(0, max(rounds, default=1) + 0.5)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(plots / f"{name}.png", dpi=110)
-        plt.close(fig)
+        atomic_savefig(fig, plots / f"{name}.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.imshow(histogram.T, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xlabel("client")
     ax.set_ylabel("class")
     ax.set_title("images per class and client")
     fig.tight_layout()
-    fig.savefig(plots / "clients.png", dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, plots / "clients.png")
 
 
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],

@@ -9,14 +9,13 @@ section (:mod:`fedssl.reliability`).
 
 from __future__ import annotations
 
-import io
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedssl.compare import ComparePreset
-from fedssl.io import atomic_write_bytes
+from fedssl.io import atomic_savefig
 from fedssl.report import markdown_table
 from fedssl.resources import human_bytes, human_flops
 
@@ -98,12 +97,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], cost_key: str, xlabel: str, pa
     if front:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_savefig(fig, path)
 
 
 def _find(rows: Sequence[dict[str, Any]], label: str, group: str) -> dict[str, Any] | None:
