@@ -23,11 +23,12 @@ from fedssl.errors import FedSSLError
 from fedssl.evaluation import evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
-from fedssl.resources import DOWNLOAD, REFERENCE_STEP_COST, UPLOAD, Ledger, payload_bytes
+from fedssl.resources import REFERENCE_STEP_COST, Ledger
 from fedssl.report import finish_run
 from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
                              write_jsonl)
-from fedssl.engines.rounds import federated_round, local_exchange, returns_update, sample_clients  # noqa: F401
+from fedssl.engines.rounds import (federated_round, local_exchange, returns_update,  # noqa: F401 (re-exported)
+                                  sample_clients)
 
 
 class Observer(Protocol):

@@ -162,7 +162,7 @@ def test_deployment_survives_a_killed_supernode_and_rejects_nan(tmp_path: Path, 
             *(["--node-config", 'fault="nan"'] if i == 2 else [])))
     subprocess.run(fedssl_cli("deploy", "federation", "local-deployment", "--superlink", f"127.0.0.1:{port}"),
                    env=processes.env, check=True, capture_output=True)
-    flwr_run(processes, "local-deployment", out, "clients=3; rounds=2; flower.round_timeout=20")
+    flwr_run(processes, "local-deployment", out, "clients=3; rounds=2; flower.round_timeout=40")
     log = out / "flower.log"
     wait_for(lambda: log.is_file() and "round 2: 3 client(s) sampled" in log.read_text(), 240, "round 2", processes)
     processes.stop("node1")  # killed while round 2 is under way
@@ -171,7 +171,7 @@ def test_deployment_survives_a_killed_supernode_and_rejects_nan(tmp_path: Path, 
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["failed"], r["rejected"]) for r in rows] == [(0, 1), (1, 1)]
     text = log.read_text()
-    assert "round 2: client 1 failed (no reply within 20 s)" in text or "round 2: client 1 failed (its" in text
+    assert "round 2: client 1 failed (no reply within 40 s)" in text
     assert "rejected the upload of client 2" in text and "NaN" in text
     assert np.isfinite(json.loads((out / "final.json").read_text())["final"]["knn_acc"])
     report = (out / "report.md").read_text()

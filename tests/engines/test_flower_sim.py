@@ -92,8 +92,15 @@ def test_lw_fedssl_resumed_on_flower_equals_the_in_process_engine(tmp_path: Path
     assert resumed.metrics[3]["bytes_down"] > local.metrics[3]["bytes_down"]  # frozen layers re-sent to new nodes
 
 
-def test_prog_fedssl_on_flower_equals_the_in_process_engine(tmp_path: Path) -> None:
-    cfg = tiny_config(*FLOWER_TINY, "method=prog-fedssl")
+FEDMAE = ("method=fedmae", "model.arch=vit", "model.width=16", "model.depth=2", "model.heads=2",
+          "model.patch_size=8", "mae.decoder_width=16", "mae.decoder_heads=2", "optimizer=adamw", "lr=0.002",
+          "weight_decay=0.05", "mae.pictures=1")
+
+
+@pytest.mark.parametrize("method", ["prog-fedssl", "fedmae"])
+def test_staged_methods_on_flower_equal_the_in_process_engine(tmp_path: Path, method: str) -> None:
+    """Prog-FedSSL, and FedMAE: it reuses the staged method's client state (``held``) without a line of its own."""
+    cfg = tiny_config(*FLOWER_TINY, *(FEDMAE if method == "fedmae" else (f"method={method}",)))
     flower = start(cfg, tmp_path / "flower", engine="flower")
     local = start_run(cfg, tmp_path / "local")
     assert _same(flower.metrics) == _same(local.metrics) and flower.final == local.final

@@ -8,16 +8,15 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedssl.aggregation import check_upload, weighted_average
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.engines.flower import node
-from fedssl.engines.flower.messages import TASK, content, from_record, to_record, wire_bytes
+from fedssl.engines.flower.messages import content, from_record, to_record, wire_bytes
 from fedssl.engines.local import SilentObserver, load_federation
 from fedssl.engines.rounds import Reply, federated_round
 from fedssl.methods.base import ClientResult, MethodContext, Payload

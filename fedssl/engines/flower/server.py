@@ -22,8 +22,8 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedssl.config import RunConfig, config_hash, dumps_toml, to_dict
-from fedssl.engines.flower.messages import (HELLO, NODE, PAYLOAD, RESULT, TASK, TRAIN, UPLOAD, content, from_record,
-                                           to_record, wire_bytes)
+from fedssl.engines.flower.messages import (HELLO, NODE, PAYLOAD, RESULT, TRAIN, UPLOAD, content, from_record, to_record,
+                                           wire_bytes)
 from fedssl.engines.local import Observer
 from fedssl.engines.rounds import Exchange, Reply, federated_round
 from fedssl.errors import FedSSLError
@@ -79,7 +79,6 @@ class Link:
         self.nodes: dict[int, int] = {}  # client (partition id) -> node id
         self.asked: set[int] = set()  # node ids that answered hello (or failed it)
         self.configured: set[int] = set()  # node ids known to hold this run's config
-        self.sources: dict[int, dict[str, Any]] = {}  # client -> what its node said about its data
 
     # -------------------------------------------------------------- nodes
 
@@ -128,7 +127,6 @@ class Link:
             if client in self.nodes and self.nodes[client] != node:
                 changed.append(client)
             self.nodes[client] = node
-            self.sources[client] = info
             log.info("client %d is node %d: %d images from %s (digest %s)", client, node, int(info["num-samples"]),
                      info["data-source"], info["data-digest"])
         return changed
@@ -251,7 +249,10 @@ class FlowerRunner:
                 method.client_lost(client)
         if isinstance(method, SplitMethod):
             from fedssl.engines.flower.split import split_round
+            from fedssl.methods.mocosfl import MocoSFL
 
+            if not isinstance(method, MocoSFL):
+                raise FedSSLError(f"{method.name} has no per-step Flower messages yet; run it with --engine local")
             return split_round(method, self.link, round_index, self.split_holds, ledger, observer)
         assert isinstance(method, FederatedMethod)
         return federated_round(method, self.cfg, round_index, self.clients, round_exchange(self.link, self.cfg),

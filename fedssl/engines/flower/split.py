@@ -233,7 +233,8 @@ def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, 
                 holds[response.client] = False
         served[index] += 1
         loss_sum, steps_done, images = loss_sum + result.loss, steps_done + 1, images + len(order) * shape[0]
-    synced = _sync(method, link, [c for c in range(n) if served[c] > 0], traffic, failed, rejected, holds, timeout)
+    synced = _sync(method, link, round_index, [c for c in range(n) if served[c] > 0], traffic, failed, rejected,
+                   holds, timeout)
     if synced:
         method.sync(torch.tensor(synced))
         for c in range(n):
@@ -242,11 +243,12 @@ def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, 
                    images, time.perf_counter() - start)
 
 
-def _sync(method: MocoSFL, link: Link, participants: list[int], traffic: SplitTraffic, failed: set[int],
-          rejected: set[int], holds: dict[int, bool], timeout: float) -> list[int]:
+def _sync(method: MocoSFL, link: Link, round_index: int, participants: list[int], traffic: SplitTraffic,
+          failed: set[int], rejected: set[int], holds: dict[int, bool], timeout: float) -> list[int]:
     """Collect the participants' nets into the server's view of them; the clients whose nets came and fit."""
     like_online = {k: v[0] for k, v in method.client_online.items()}
-    requests = [Request(c, SYNC, {"round": -1, "step": -1, "served": -1, "client": c}) for c in participants]
+    requests = [Request(c, SYNC, {"round": round_index, "step": method.split.sync_every, "served": -1, "client": c})
+                for c in participants]
     synced = []
     for response in link.exchange(requests, timeout):
         c = response.client
