@@ -4,7 +4,9 @@ Three measurements, none of them an estimate made beside the real code:
 
 - bytes on the wire: :func:`payload_bytes` of the very tensors a method sends;
 - FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` around one real
-  training step (matmuls, convolutions and attention; element-wise ops,
+  training step, taught the fused kernels it does not know (CPU attention,
+  the no-grad inference path of transformer layers that frozen blocks take)
+  (matmuls, convolutions and attention; element-wise ops,
   normalisation and optimizer updates count as zero, as in the papers' counts);
 - memory: the allocator's own alloc/free events during that same step
   (CPU: the PyTorch profiler's ``[memory]`` events; CUDA: the caching
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fedssl.errors import CheckpointError, FedSSLError
 from fedssl.io import atomic_write_text
@@ -43,6 +45,7 @@ __all__ = [
     "Ledger",
     "StepCost",
     "human_bytes",
+    "flop_counter",
     "human_flops",
     "measure_step",
     "payload_bytes",
@@ -108,6 +111,63 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
     if optimizer is None:
         return []
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+
+# ---------------------------------------------------------------------------
+# FLOPs of fused kernels that FlopCounterMode does not count by itself
+# ---------------------------------------------------------------------------
+
+Shape = Sequence[int]
+aten = torch.ops.aten
+
+
+def _cpu_attention_flops(query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
+    """CPU fused attention, forward: Q K^T and A V (query (B, h, Nq, d), key/value (B, h, Nk, d))."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any,
+                                  **kwargs: Any) -> int:
+    """CPU fused attention, backward: the four matmuls of the gradients of Q, K and V."""
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _attention_block_flops(batch: int, n_query: int, n_key: int, width: int) -> int:
+    """Input projections (Q on n_query tokens, K and V on n_key), Q K^T, A V and the output projection."""
+    projections = 2 * batch * (n_query + 2 * n_key) * width * width + 2 * batch * n_query * width * width
+    return projections + 2 * 2 * batch * n_query * n_key * width
+
+
+def _encoder_layer_flops(src: Shape, embed_dim: int, num_heads: int, qkv_weight: Shape, qkv_bias: Shape,
+                         proj_weight: Shape, proj_bias: Shape, use_gelu: bool, norm_first: bool, eps: float,
+                         norm_weight_1: Shape, norm_bias_1: Shape, norm_weight_2: Shape, norm_bias_2: Shape,
+                         ffn_weight_1: Shape, *args: Any, **kwargs: Any) -> int:
+    """The fused inference path of ``nn.TransformerEncoderLayer`` (frozen blocks under no_grad, in eval mode).
+
+    src (B, N, D) with batch_first; the MLP is D -> F -> D with ffn_weight_1 (F, D).
+    """
+    batch, tokens, width = src
+    hidden = ffn_weight_1[0]
+    return _attention_block_flops(batch, tokens, tokens, width) + 2 * 2 * batch * tokens * width * hidden
+
+
+def _native_attention_flops(query: Shape, key: Shape, value: Shape, embed_dim: int, *args: Any,
+                            **kwargs: Any) -> int:
+    """The fused inference path of ``nn.MultiheadAttention``: query (B, Nq, D), key/value (B, Nk, D)."""
+    return _attention_block_flops(query[0], query[1], key[1], embed_dim)
+
+
+FUSED_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    aten._transformer_encoder_layer_fwd: _encoder_layer_flops,
+    aten._native_multi_head_attention: _native_attention_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts PyTorch's fused CPU attention and transformer inference kernels."""
+    return FlopCounterMode(display=False, custom_mapping=FUSED_FLOP_FORMULAS)
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +380,7 @@ def measure_step(
     peak_meter = _cpu_peak_meter(modules, optimizer) if device.type == "cpu" else _cuda_peak_meter(device)
 
     with peak_meter as transient_peak:
-        with FlopCounterMode(display=False) as flops, torch.autograd.graph.saved_tensors_hooks(
+        with flop_counter() as flops, torch.autograd.graph.saved_tensors_hooks(
             meter.pack, meter.unpack
         ):
             step()

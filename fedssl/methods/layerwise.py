@@ -256,10 +256,15 @@ class StagedFedSSL(FedAvgSSL):
             worker.set_stage(current)  # type: ignore[attr-defined]
 
     def measure_client_step(self, data: ImageData) -> StepCost:
-        """The larger peak of the first stage (stem + block 1 trained) and the last (most frozen / whole model)."""
+        """The costliest of the first stage (stem + block 1 trained) and the last (most frozen / whole model).
+
+        Memory fields come from the stage with the larger peak; FLOPs per image are the larger of
+        the two (the last stage also runs the frozen blocks), so neither figure is understated.
+        """
         stages = sorted({0, self.schedule.num_stages - 1})
-        return max((self.measure_stage(data, self.schedule.stage(s)) for s in stages),
-                   key=lambda cost: cost.peak_training_bytes)
+        costs = [self.measure_stage(data, self.schedule.stage(s)) for s in stages]
+        worst = max(costs, key=lambda cost: cost.peak_training_bytes)
+        return replace(worst, flops_per_image=max(cost.flops_per_image for cost in costs))
 
     def end_to_end_stage(self) -> Stage:
         """Every layer of the final model trained at once: what FedAvg of the whole model asks of a client."""

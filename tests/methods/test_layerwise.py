@@ -186,3 +186,14 @@ def test_state_dict_resumes_exactly() -> None:
         run_round(m, fed, 4, [0, 2])
     for (k, va), vb in zip(a.global_model.state_dict().items(), b.global_model.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_measured_client_cost_understates_neither_memory_nor_flops() -> None:
+    method, fed = build(vit_config("model.depth=8", "rounds=8"))
+    data = fed.client_data(0)
+    first, last = (method.measure_stage(data, method.schedule.stage(s)) for s in (0, 7))
+    assert last.flops_per_image > first.flops_per_image  # the last stage also runs seven frozen blocks
+    cost = method.measure_client_step(data)
+    assert cost.flops_per_image == max(first.flops_per_image, last.flops_per_image)
+    assert cost.peak_training_bytes == pytest.approx(max(first.peak_training_bytes, last.peak_training_bytes),
+                                                     rel=0.05)
