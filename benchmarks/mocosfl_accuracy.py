@@ -34,6 +34,7 @@ from rich.table import Table
 
 from fedssl.config import load_toml, make_config
 from fedssl.engines.local import start_run
+from fedssl.io import atomic_write_text
 from fedssl.resources import DOWNLOAD, STEP_COST, UPLOAD, Ledger, human_bytes, human_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,12 +136,18 @@ def verdict(rows: list[dict[str, Any]]) -> str:
             f"[{'met' if lead > 0 else 'NOT met'}].")
 
 
+def _shown(path: Path) -> str:
+    """A path as the result file shows it: relative to the repository where it lies inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def machine() -> str:
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path, data_dir: str) -> None:
+def write_markdown(rows: list[dict[str, Any]], path: Path, data_dir: str, runs: str) -> None:
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join("| " + " | ".join(cells) + " |\n" for cells in table_rows(rows))
     text = (f"# MocoSFL vs centralized MoCo vs FedMoCo (real CIFAR-10 subset)\n\n"
@@ -155,9 +162,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, data_dir: str) -> Non
             "gradients down; per sync: its client-net weights; total: mean over clients of up + down over "
             "the run). FedMoCo has no steps that cross the wire: its per-sync figures are the whole model.\n\n"
             + header + body + "\n" + verdict(rows) + "\n\n"
-            "Run reports: benchmarks/results/mocosfl_accuracy/{mocosfl,centralized,fedmoco}/report.md\n")
+            f"Run reports (run directories, not committed): {runs}/{{mocosfl,centralized,fedmoco}}/report.md\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -180,7 +187,7 @@ def main() -> None:
         table.add_row(*cells)
     console.print(table)
     console.print(verdict(rows))
-    write_markdown(rows, RESULTS / "mocosfl_accuracy.md", args.data_dir)
+    write_markdown(rows, RESULTS / "mocosfl_accuracy.md", args.data_dir, _shown(Path(args.runs)))
     console.print(f"written: {RESULTS / 'mocosfl_accuracy.md'}")
 
 
