@@ -101,7 +101,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{args.rounds_per_stage}`.\n\n"
             "CIFAR-10 (real subset) upsampled to 224x224, patch 16 (196 patches, 49 visible), ViT width 192 / 3 heads, "
             f"decoder 1 block of width 128, AdamW, {args.batch_size} images per client step. Memory and FLOPs: one "
-            "real client training step, measured (stage-wise: the larger of its first and last stage). Comm: a "
+            "real client training step, measured (stage-wise: the larger peak and the larger FLOPs of its first and "
+            "last stage; weights held and saved activations are those of the stage with the larger peak). Comm: a "
             f"client in every round of L stages x {args.rounds_per_stage} rounds (end-to-end: as many rounds), real "
             "payloads down + up.\n\n" + table +
             "\nWhy FedMAE's client is cheap: it trains ONE block; the frozen blocks below it run without grad on the "
