@@ -37,7 +37,7 @@ from fedssl.config import RunConfig
 from fedssl.engines.flower import node
 from fedssl.engines.flower.messages import (BACKWARD, FORWARD, RESULT, SYNC, TASK, content, from_record, metrics_record,
                                            to_record)
-from fedssl.engines.flower.server import Link, Request
+from fedssl.engines.flower.server import Link, Request, Response
 from fedssl.engines.local import Observer
 from fedssl.engines.rounds import note
 from fedssl.errors import DivergedError, FedSSLError
@@ -199,10 +199,7 @@ def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, 
         ok: dict[int, dict[str, Tensor]] = {}
         for response in link.exchange(requests, timeout):
             c = response.client
-            traffic.add(c, wire_down=response.wire_down, wire_up=response.wire_up)
-            if response.reply is None:
-                failed.add(c)
-                holds[c] = False
+            if not _answered(response, traffic, failed, holds):
                 continue
             holds[c] = True  # it took the nets that came with the forward
             acts = from_record(response.reply.content[ACTIVATIONS])
@@ -227,10 +224,7 @@ def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, 
         for j, c in enumerate(order):
             traffic.add(c, gradients_down=tensor_bytes(result.grad[j]))
         for response in link.exchange(requests, timeout):
-            traffic.add(response.client, wire_down=response.wire_down, wire_up=response.wire_up)
-            if response.reply is None:
-                failed.add(response.client)
-                holds[response.client] = False
+            _answered(response, traffic, failed, holds)
         served[index] += 1
         loss_sum, steps_done, images = loss_sum + result.loss, steps_done + 1, images + len(order) * shape[0]
     synced = _sync(method, link, round_index, [c for c in range(n) if served[c] > 0], traffic, failed, rejected,
@@ -243,6 +237,16 @@ def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, 
                    images, time.perf_counter() - start)
 
 
+def _answered(response: Response, traffic: SplitTraffic, failed: set[int], holds: dict[int, bool]) -> bool:
+    """Count a response's wire bytes; a client that did not answer is failed and holds no nets any more."""
+    traffic.add(response.client, wire_down=response.wire_down, wire_up=response.wire_up)
+    if response.reply is None:
+        failed.add(response.client)
+        holds[response.client] = False
+        return False
+    return True
+
+
 def _sync(method: MocoSFL, link: Link, round_index: int, participants: list[int], traffic: SplitTraffic,
           failed: set[int], rejected: set[int], holds: dict[int, bool], timeout: float) -> list[int]:
     """Collect the participants' nets into the server's view of them; the clients whose nets came and fit."""
@@ -252,10 +256,7 @@ def _sync(method: MocoSFL, link: Link, round_index: int, participants: list[int]
     synced = []
     for response in link.exchange(requests, timeout):
         c = response.client
-        traffic.add(c, wire_down=response.wire_down, wire_up=response.wire_up)
-        if response.reply is None:
-            failed.add(c)
-            holds[c] = False
+        if not _answered(response, traffic, failed, holds):
             continue
         parts = {part: from_record(response.reply.content[part]) for part in (ONLINE, MOMENTUM)
                  if part in response.reply.content}
