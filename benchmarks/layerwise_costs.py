@@ -23,7 +23,10 @@ x 15 rounds = 180 rounds; 10 clients, all in every round. Per client:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,11 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedssl.config import RunConfig, make_config  # noqa: E402
 from fedssl.data.datasets import DATASETS, ImageData  # noqa: E402
 from fedssl.engines.local import sample_clients  # noqa: E402
+from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.methods import METHODS  # noqa: E402
 from fedssl.methods.base import ClientResult, FederatedMethod, MethodContext  # noqa: E402
 from fedssl.methods.layerwise import StagedFedSSL  # noqa: E402
 from fedssl.models.vit import vit_block_flops  # noqa: E402
 from fedssl.resources import StepCost, payload_bytes  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 PAPER = {  # LW-FedSSL paper, latest version (COCO pre-training, 10 clients): per client
     "fedmocov3": {"memory_gb": 8.72, "gflops": 586, "comm_gb": 8.40},
@@ -153,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the measured rows here (re-render with --render)")
     parser.add_argument("--render", help="print the table of rows saved by --json, measuring nothing")
+    parser.add_argument("--out", default=str(RESULTS / "layerwise_costs.md"), help="where the table is written")
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        print(render(saved["rows"], saved["batch"]))
+        print(render(saved["rows"], saved["batch"], saved.get("measured", "")))
         return 0
     torch.set_num_threads(args.threads)
     rows: dict[str, dict[str, Any]] = {}
@@ -173,16 +180,21 @@ def main(argv: list[str] | None = None) -> int:
                                              paper_config(name, args.batch, 100, 0.25))}
         rows[name] = row
         print(f"[{name}] measured in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    measured = (f"Measured {datetime.date.today().isoformat()} on {platform.system()} {platform.machine()}, "
+                f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s), by "
+                f"`OMP_NUM_THREADS={args.threads} python benchmarks/layerwise_costs.py --batch {args.batch}`.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"batch": args.batch, "rows": rows}, indent=1))
-    print(render(rows, args.batch))
+        atomic_write_text(args.json, json.dumps({"batch": args.batch, "measured": measured, "rows": rows}, indent=1))
+    text = render(rows, args.batch, measured)
+    print(text)
+    atomic_write_text(args.out, text)
     return 0
 
 
-def render(rows: dict[str, dict[str, Any]], batch: int) -> str:
+def render(rows: dict[str, dict[str, Any]], batch: int, measured: str = "") -> str:
     e2e = rows["fedmocov3"]
     out = [f"## Client cost, paper setting (ViT-Tiny, 32x32 / patch 4, batch {batch}, 12 stages x 15 rounds, "
-           "MoCo v3, 10 clients)\n",
+           "MoCo v3, 10 clients)\n", *([measured + "\n"] if measured else []),
            "| method | peak memory, measured (GB / GiB) | paper GB | GFLOPs/img, paper's convention | "
            "GFLOPs/img, measured step | paper GFLOPs | comm per client (GB / GiB) | paper GB |",
            "|---|---|---|---|---|---|---|---|"]
