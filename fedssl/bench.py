@@ -64,8 +64,11 @@ def _child(overrides: list[str]) -> dict[str, Any]:
     return measure_setting(make_config(load_toml(DEMO_PRESET), overrides))
 
 
-def run_overhead_benchmark(console: Console, *, data_dir: str = "") -> list[dict[str, Any]]:
-    """Print images/s and memory of centralized MoCo vs FedMoCo (10, 100 clients); returns the rows."""
+def run_overhead_benchmark(console: Console, *, data_dir: str = "", out: Path | None = None) -> list[dict[str, Any]]:
+    """Print images/s and memory of centralized MoCo vs FedMoCo (10, 100 clients); returns the rows.
+
+    With ``out``, the table is also written there as markdown, with the date and the machine.
+    """
     rows = []
     for label, method, clients in OVERHEAD_SETTINGS:
         overrides = [f"method={method}", f"clients={max(clients, 2)}", "local_epochs=1", "local_steps=0"]
@@ -74,16 +77,29 @@ def run_overhead_benchmark(console: Console, *, data_dir: str = "") -> list[dict
         console.print(f"[dim]measuring {label} ...[/dim]")
         rows.append({"setting": label, **_run_in_subprocess(overrides)})
     base = rows[0]["images_per_s"]
-    table = Table(title="Federation overhead (demo preset: FedMoCo/MoCo v2, ResNet-10 width 16, CIFAR-10; "
-                        "one pass over the training split, after one warm-up pass)")
-    for col in ("setting", "images/s", "vs centralized", "client peak training memory", "process peak RSS",
-                "bytes per round"):
+    title = ("Federation overhead (demo preset: FedMoCo/MoCo v2, ResNet-10 width 16, CIFAR-10; one pass over the "
+             "training split, after one warm-up pass)")
+    header = ["setting", "images/s", "vs centralized", "client peak training memory", "process peak RSS",
+              "bytes per round"]
+    cells = [[r["setting"], f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / base:.2f}x",
+              human_bytes(r["client_peak_bytes"]), human_bytes(r["process_peak_rss_bytes"]),
+              human_bytes(r["bytes_per_round"])] for r in rows]
+    table = Table(title=title)
+    for col in header:
         table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in rows:
-        table.add_row(r["setting"], f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / base:.2f}x",
-                      human_bytes(r["client_peak_bytes"]), human_bytes(r["process_peak_rss_bytes"]),
-                      human_bytes(r["bytes_per_round"]))
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
+    if out is not None:
+        import datetime
+
+        from fedssl.io import atomic_write_text
+        from fedssl.report import markdown_table
+
+        atomic_write_text(out, f"# {title}\n\nMeasured {datetime.date.today().isoformat()} on "
+                               f"{machine_description()} by `python benchmarks/federation_overhead.py"
+                               f"{' --data-dir ' + data_dir if data_dir else ''}`.\n\n" + markdown_table(header, cells))
+        console.print(f"written: {out}")
     return rows
 
 
