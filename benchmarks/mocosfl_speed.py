@@ -37,6 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedssl.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "cifar10" / "mocosfl.toml"
 RESULTS = REPO / "benchmarks" / "results"
@@ -67,6 +69,7 @@ def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) 
     from fedssl.models.momentum import deactivate_requires_grad, ema_update
 
     cfg, n, batch = method.cfg, method.num_clients, method.split.client_batch
+    device = method.ctx.device
     online = [copy.deepcopy(method.client_net) for _ in range(n)]
     momentum = [copy.deepcopy(net) for net in online]
     for net in momentum:
@@ -77,37 +80,37 @@ def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) 
     clients = torch.arange(n)
 
     def step(s: int) -> None:
-        start = time.perf_counter()
+        start = _clock(device)
         queries, keys = [], []
         for i in range(n):
             rows = torch.arange(s * batch, (s + 1) * batch) % len(images[i])
-            augment_start = time.perf_counter()
-            view1, view2 = method.augment(images[i][rows])  # each client augments its own images
-            totals["augment"] += time.perf_counter() - augment_start
+            augment_start = _clock(device)
+            view1, view2 = method.augment(images[i][rows].to(device))  # each client augments its own images
+            totals["augment"] += _clock(device) - augment_start
             queries.append(online[i](view1))
             with torch.no_grad():
                 keys.append(momentum[i](view2))
-        totals["client"] += time.perf_counter() - start
-        start = time.perf_counter()
+        totals["client"] += _clock(device) - start
+        start = _clock(device)
         result = method.server_step(torch.stack([q.detach() for q in queries]), torch.stack(keys), clients, cfg.lr)
-        totals["server"] += time.perf_counter() - start
-        start = time.perf_counter()
+        totals["server"] += _clock(device) - start
+        start = _clock(device)
         for i in range(n):
             queries[i].backward(result.grad[i])
             optimizers[i].step()
             optimizers[i].zero_grad(set_to_none=True)
             ema_update(momentum[i], online[i], cfg.ssl.momentum)
-        totals["client"] += time.perf_counter() - start
+        totals["client"] += _clock(device) - start
 
     def sync() -> None:
-        start = time.perf_counter()
+        start = _clock(device)
         with torch.no_grad():
             for nets in (online, momentum):
                 averaged = [torch.stack(ps).mean(0) for ps in zip(*(list(net.parameters()) for net in nets))]
                 for net in nets:
                     for p, a in zip(net.parameters(), averaged):
                         p.copy_(a)
-        totals["client"] += time.perf_counter() - start
+        totals["client"] += _clock(device) - start
 
     step(0)  # warm-up
     totals.clear()
@@ -117,14 +120,29 @@ def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) 
     return steps * n * batch
 
 
-def _timed(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callable[..., Any]:
+def _clock(device: torch.device) -> float:
+    """Seconds now, after the device finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _timed(fn: Callable[..., Any], totals: dict[str, float], key: str, device: torch.device) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = _clock(device)
         try:
             return fn(*args, **kwargs)
         finally:
-            totals[key] += time.perf_counter() - start
+            totals[key] += _clock(device) - start
     return wrapper
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak resident memory, and on a GPU its peak allocated memory too."""
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
@@ -140,19 +158,19 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     cfg = make_config(load_toml(PRESET), [f"split.sync_every={steps}", f"local_steps={steps}", "rounds=10",
                                           *(o for o in overrides if o != REFERENCE_LOOP)])
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
-    method = build_method(MethodContext(cfg, fed.train.info, torch.device(cfg.device)))
+    device = torch.device(cfg.device)
+    method = build_method(MethodContext(cfg, fed.train.info, device))
     totals: dict[str, float] = defaultdict(float)
     if reference:
         images = reference_loop(method, fed, steps, totals)
         seconds = totals["client"] + totals["server"]  # the timed steps and the sync: all the loop does
         return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
                 "client_s_per_step": totals["client"] / steps, "server_s_per_step": totals["server"] / steps,
-                "augment_s_per_step": totals["augment"] / steps,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "augment_s_per_step": totals["augment"] / steps, **peak_memory(device)}
     if cfg.method == "mocosfl":
-        method.client_forward = _timed(method.client_forward, totals, "client")
-        method.client_update = _timed(method.client_update, totals, "client")
-        method.server_step = _timed(method.server_step, totals, "server")
+        method.client_forward = _timed(method.client_forward, totals, "client", device)
+        method.client_update = _timed(method.client_update, totals, "client", device)
+        method.server_step = _timed(method.server_step, totals, "server", device)
     # warm-up: one step (oneDNN builds its kernels for each new shape); rounds 1 and 2 because round 0
     # would also measure the server step under the profiler
     if cfg.method == "mocosfl":
@@ -164,13 +182,12 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
         run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
         method.cfg = cfg
     totals.clear()
-    start = time.perf_counter()
+    start = _clock(device)
     row = run_round(method, fed, cfg, 2, Ledger(rows=[]), SilentObserver())
-    seconds = time.perf_counter() - start
+    seconds = _clock(device) - start
     return {"images": row["images"], "seconds": seconds, "images_per_s": row["images"] / seconds,
             "client_s_per_step": totals["client"] / steps if totals else None,
-            "server_s_per_step": totals["server"] / steps if totals else None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "server_s_per_step": totals["server"] / steps if totals else None, **peak_memory(device)}
 
 
 def run_child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
@@ -188,6 +205,12 @@ def fmt_bytes(n: float) -> str:
     return human_bytes(n)
 
 
+def fmt_memory(row: dict[str, Any]) -> str:
+    """Peak resident memory, and the peak GPU memory where the setting ran on a GPU."""
+    rss = fmt_bytes(row["peak_rss_bytes"])
+    return rss if row.get("peak_gpu_bytes") is None else f"{rss} RSS, {fmt_bytes(row['peak_gpu_bytes'])} GPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
@@ -195,6 +218,8 @@ def main() -> None:
     parser.add_argument("--server-batch", type=int, default=1000, help="images per server step in every setting")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on a GPU the table is written to "
+                        "results/mocosfl_speed_cuda.md and shows peak GPU memory too")
     parser.add_argument("--repeats", type=int, default=2, help="run the sequence of settings this many times; "
                         "each setting reports its fastest run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -207,24 +232,26 @@ def main() -> None:
     for repeat in range(args.repeats):  # the whole sequence again: drift of the machine hits every setting
         for label, overrides in settings(args.server_batch):
             console.print(f"[dim]measuring {label} ({repeat + 1}/{args.repeats}) ...[/dim]")
-            runs[label].append(run_child([f"data_dir={args.data_dir}", *overrides], args.steps, args.threads))
+            runs[label].append(run_child([f"data_dir={args.data_dir}", f"device={args.device}", *overrides],
+                                         args.steps, args.threads))
     # the fastest repeat of each setting (the least disturbed by other work); peak memory: the largest
     rows = [{"setting": label, **max(found, key=lambda r: r["images_per_s"]),
-             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in found)} for label, found in runs.items()]
+             **{key: max(r[key] for r in found) for key in ("peak_rss_bytes", "peak_gpu_bytes") if key in found[0]}}
+            for label, found in runs.items()]
     base = rows[0]["images_per_s"]
     loop = rows[-1]["images_per_s"]
     table = Table(title=f"MocoSFL simulation speed: ResNet-18 width 16 (GroupNorm), cut 1, server batch "
                         f"{args.server_batch}, {args.threads} threads; {args.steps} timed steps after a warm-up step, "
                         f"best of {args.repeats}")
     for col in ("setting", "images/s", "vs centralized", "vs per-client loop", "client side s/step",
-                "server s/step", "peak memory (RSS)"):
+                "server s/step", "peak memory"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in rows:
         table.add_row(r["setting"], f"{r['images_per_s']:.1f}", f"{r['images_per_s'] / base:.2f}x",
                       f"{r['images_per_s'] / loop:.2f}x",
                       "—" if r["client_s_per_step"] is None else f"{r['client_s_per_step']:.3f}",
                       "—" if r["server_s_per_step"] is None else f"{r['server_s_per_step']:.3f}",
-                      fmt_bytes(r["peak_rss_bytes"]))
+                      fmt_memory(r))
     console.print(table)
     batched, looped = rows[3], rows[-1]
     summary = (f"1,000 clients, batched: {batched['images_per_s'] / base:.2f}x centralized images/s; "
@@ -234,27 +261,28 @@ def main() -> None:
                f"{batched['seconds'] / args.steps:.2f} s batched step). Of the plain loop's client side, "
                f"{looped['augment_s_per_step']:.1f} s per step is augmenting one client's image at a time.")
     machine = (f"{datetime.date.today().isoformat()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPU "
-               f"cores, torch {torch.__version__}, {args.threads} threads")
+               f"cores, torch {torch.__version__}, {args.threads} threads, device {args.device}"
+               + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
     console.print(summary)
     console.print(f"[dim]{machine}[/dim]")
-    write_markdown(rows, table.title, summary, machine, RESULTS / "mocosfl_speed.md")
-    console.print(f"written: {RESULTS / 'mocosfl_speed.md'}")
+    out = RESULTS / ("mocosfl_speed_cuda.md" if args.device.startswith("cuda") else "mocosfl_speed.md")
+    write_markdown(rows, table.title, summary, machine, out)
+    console.print(f"written: {out}")
 
 
 def write_markdown(rows: list[dict[str, Any]], title: Any, summary: str, machine: str, path: Path) -> None:
     base, loop = rows[0]["images_per_s"], rows[-1]["images_per_s"]
     cols = ("setting", "images/s", "vs centralized", "vs per-client loop", "client side s/step", "server s/step",
-            "peak memory (RSS)")
+            "peak memory")
     lines = [f"# {title}", "", f"Measured {machine} by `python benchmarks/mocosfl_speed.py`.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         client = "—" if r["client_s_per_step"] is None else f"{r['client_s_per_step']:.3f}"
         server = "—" if r["server_s_per_step"] is None else f"{r['server_s_per_step']:.3f}"
         lines.append(f"| {r['setting']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
-                     f"{r['images_per_s'] / loop:.2f}x | {client} | {server} | {fmt_bytes(r['peak_rss_bytes'])} |")
+                     f"{r['images_per_s'] / loop:.2f}x | {client} | {server} | {fmt_memory(r)} |")
     lines += ["", summary, ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":
