@@ -130,6 +130,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
     spec = COMPARE_PRESETS[preset]
     settings = build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra])
+    machine = machine_description()  # before the runs: the reliability checks' tiny runs pin one thread
     started = time.perf_counter()
 
     def progress(index: int, setting: Any) -> None:
@@ -139,9 +140,9 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     rows = run_comparison(settings, runs, progress)
     atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
     folded = fold_seeds(rows)
-    plots = [plot_tradeoff(folded, "memory", "client peak training memory (bytes, measured)",
+    plots = [plot_tradeoff(folded, "memory", "client peak training memory (MiB, measured on a real step)",
                            docs / "results" / "accuracy-vs-memory.png", f"{preset}: {HEADLINE_GROUP}"),
-             plot_tradeoff(folded, "comm", "bytes up + down per client over the run",
+             plot_tradeoff(folded, "comm", "MiB up + down per client over the run",
                            docs / "results" / "accuracy-vs-communication.png", f"{preset}: {HEADLINE_GROUP}")]
     when = datetime.date.today().isoformat()
     section = ""
@@ -150,7 +151,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
         atomic_write_text(runs / "reliability.json", checks_to_json(checks))
         section = reliability_section(checks, when)
     command = f"fedssl bench compare --preset {preset}" + (f" --data-dir {data_dir}" if data_dir else "")
-    text = render_results_page(spec, rows, when=when, machine=machine_description(), command=command,
+    text = render_results_page(spec, rows, when=when, machine=machine, command=command,
                                plots=[str(p.relative_to(docs)) for p in plots], reliability=section)
     out = docs / "RESULTS.md"
     docs.mkdir(parents=True, exist_ok=True)

@@ -70,32 +70,39 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def plot_tradeoff(rows: Sequence[dict[str, Any]], cost_key: str, xlabel: str, path: Path, title: str) -> Path:
-    """kNN accuracy vs a client cost (log scale) for the headline setting, the Pareto front drawn; written atomically."""
+    """kNN accuracy vs a client cost in MiB (log scale) for the headline setting, the Pareto front drawn; written
+    atomically."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["group"] == HEADLINE_GROUP and r.get(cost_key) and r.get("knn") is not None]
     ceilings = [r for r in rows if r["group"] == "pooled data" and r.get("knn") is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in shown:
-        ax.scatter(r[cost_key], 100 * r["knn"], s=30)
-        ax.annotate(r["label"], (r[cost_key], 100 * r["knn"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front = pareto_front([(r[cost_key], 100 * r["knn"]) for r in shown])
-    if front:
-        ax.step(*zip(*front), where="post", color="black", alpha=0.4, linewidth=1, label="Pareto front")
-    for r in ceilings:
-        ax.axhline(100 * r["knn"], linestyle="--", linewidth=0.8, color="grey")
-        ax.annotate(r["label"], (ax.get_xlim()[0], 100 * r["knn"]), fontsize=7, color="grey",
-                    xytext=(2, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    mib = [(r[cost_key] / 2**20, 100 * r["knn"]) for r in shown]
+    markers = "osD^v<>PXh*"  # colour and marker together tell the methods apart in the legend
+    for i, (r, (x, y)) in enumerate(zip(shown, mib)):
+        ax.scatter(x, y, s=40, marker=markers[i % len(markers)], label=f"{r['label']}: {y:.1f}%")
+    front = pareto_front(mib)
+    if front:
+        ax.step(*zip(*front), where="post", color="black", alpha=0.4, linewidth=1)
+        ax.scatter(*zip(*front), s=170, facecolors="none", edgecolors="black", alpha=0.5,
+                   label="Pareto front (nothing cheaper is as accurate)")
+    for r, style in zip(ceilings, ("--", ":", "-.")):
+        ax.axhline(100 * r["knn"], linestyle=style, linewidth=0.8, color="grey",
+                   label=f"{r['label']}: {100 * r['knn']:.1f}%")
+    ax.margins(x=0.08, y=0.12)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("kNN accuracy of the final encoder (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if front:
-        ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return atomic_savefig(fig, path)
 
