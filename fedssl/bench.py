@@ -130,7 +130,6 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
     spec = COMPARE_PRESETS[preset]
     settings = build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra])
-    machine = machine_description()  # before the runs: the reliability checks' tiny runs pin one thread
     started = time.perf_counter()
 
     def progress(index: int, setting: Any) -> None:
@@ -151,7 +150,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
         atomic_write_text(runs / "reliability.json", checks_to_json(checks))
         section = reliability_section(checks, when)
     command = f"fedssl bench compare --preset {preset}" + (f" --data-dir {data_dir}" if data_dir else "")
-    text = render_results_page(spec, rows, when=when, machine=machine, command=command,
+    text = render_results_page(spec, rows, when=when, machine=machine_description(), command=command,
                                plots=[str(p.relative_to(docs)) for p in plots], reliability=section)
     out = docs / "RESULTS.md"
     docs.mkdir(parents=True, exist_ok=True)

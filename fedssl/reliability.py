@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedssl.config import make_config
 from fedssl.report import markdown_table
 
@@ -249,16 +247,12 @@ def run_checks(progress: Callable[[str], None] | None = None) -> list[Check]:
         ("one-image clients", check_clients_with_one_image), ("one-class clients", check_one_class_clients),
         ("bad configs", check_bad_configs)]
     checks: list[Check] = []
-    threads = torch.get_num_threads()  # the tiny runs pin one thread; the caller keeps its own
-    try:
-        for name, scenario in scenarios:
-            if progress is not None:
-                progress(name)
-            with tempfile.TemporaryDirectory() as tmp:
-                found = scenario(Path(tmp))
-            checks.extend(found if isinstance(found, list) else [found])
-    finally:
-        torch.set_num_threads(threads)
+    for name, scenario in scenarios:
+        if progress is not None:
+            progress(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            found = scenario(Path(tmp))
+        checks.extend(found if isinstance(found, list) else [found])
     return checks
 
 

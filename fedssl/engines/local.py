@@ -8,6 +8,8 @@ resumed from its last checkpoint ends exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,9 +178,25 @@ def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device,
     ``runner`` runs the rounds (default: in this process); everything else (evaluation, checkpoints,
     the run directory, the report) is the same for every engine.
     """
-    runner = runner or LocalRunner(fed, cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return _execute_rounds(cfg, run, fed, device, observer, runner or LocalRunner(fed, cfg))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (0 = leave it) for the enclosed code, then restored, so
+    that a run started in-process (tests, comparisons, reliability checks) leaves its caller's setting alone."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer,
+                    runner: RoundRunner) -> RunOutcome:
     method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
     checkpoint = load_checkpoint(run, cfg)
     if checkpoint is None:

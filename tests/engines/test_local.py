@@ -53,6 +53,16 @@ def test_same_seed_gives_the_same_metrics(tmp_path: Path) -> None:
     assert _comparable(a.metrics) != _comparable(c.metrics)
 
 
+def test_a_run_pins_its_thread_count_and_gives_the_callers_back(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        start_run(tiny_config("threads=1", "rounds=1"), tmp_path / "run")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method", ["fedmocov3", "fedsimclr", "fedbyol", "centralized"])
 def test_every_baseline_runs(tmp_path: Path, method: str) -> None:
     out = start_run(tiny_config(f"method={method}", "rounds=1"), tmp_path / method)
