@@ -260,12 +260,13 @@ def main() -> None:
                f"(the server step, the same code in both, takes {batched['server_s_per_step']:.2f} s of every "
                f"{batched['seconds'] / args.steps:.2f} s batched step). Of the plain loop's client side, "
                f"{looped['augment_s_per_step']:.1f} s per step is augmenting one client's image at a time.")
+    on_gpu = torch.device(args.device).type == "cuda"
     machine = (f"{datetime.date.today().isoformat()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPU "
                f"cores, torch {torch.__version__}, {args.threads} threads, device {args.device}"
-               + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
+               + (f" ({torch.cuda.get_device_name(args.device)})" if on_gpu else ""))
     console.print(summary)
     console.print(f"[dim]{machine}[/dim]")
-    out = RESULTS / ("mocosfl_speed_cuda.md" if args.device.startswith("cuda") else "mocosfl_speed.md")
+    out = RESULTS / ("mocosfl_speed_cuda.md" if on_gpu else "mocosfl_speed.md")
     write_markdown(rows, table.title, summary, machine, out)
     console.print(f"written: {out}")
 
