@@ -124,7 +124,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     from fedssl.errors import FedSSLError
     from fedssl.io import atomic_write_text
     from fedssl.reliability import checks_to_json, reliability_section, run_checks
-    from fedssl.results_page import HEADLINE_GROUP, fold_seeds, plot_tradeoff, render_results_page
+    from fedssl.results_page import fold_seeds, plot_tradeoff, render_results_page
 
     if preset not in COMPARE_PRESETS:
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
@@ -140,9 +140,10 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
     folded = fold_seeds(rows)
     plots = [plot_tradeoff(folded, "memory", "client peak training memory (MiB, measured on a real step)",
-                           docs / "results" / "accuracy-vs-memory.png", f"{preset}: {HEADLINE_GROUP}"),
+                           docs / "results" / "accuracy-vs-memory.png", f"{preset}: {spec.headline}", spec.headline),
              plot_tradeoff(folded, "comm", "MiB up + down per client over the run",
-                           docs / "results" / "accuracy-vs-communication.png", f"{preset}: {HEADLINE_GROUP}")]
+                           docs / "results" / "accuracy-vs-communication.png", f"{preset}: {spec.headline}",
+                           spec.headline)]
     when = datetime.date.today().isoformat()
     section = ""
     if reliability:

@@ -99,20 +99,24 @@ def summary_table(outcome: Any) -> Table:
     """The short result a person reads at the end of a run."""
     from fedssl.report import client_cost
 
-    table = Table(title=f"{outcome.run.path}")
-    table.add_column("")
-    table.add_column("random init", justify="right")
-    table.add_column("trained", justify="right")
-    table.add_row("kNN accuracy", _pct(outcome.initial.get("knn_acc")), _pct(outcome.final.get("knn_acc")))
-    table.add_row("linear probe", _pct(outcome.initial.get("probe_acc")), _pct(outcome.final.get("probe_acc")))
+    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
+
+    verdict = learning_verdict(outcome.initial, outcome.final).replace("**", "")
+    table = Table(title=f"{outcome.run.path}", caption=verdict or None)
+    table.add_column(RESULT_HEADER[0])
+    for name in RESULT_HEADER[1:]:
+        table.add_column(name, justify="right")
+    for row in result_rows(outcome.initial, outcome.final):
+        table.add_row(*row)
     cost = client_cost(outcome.ledger)
     if cost is not None:
         table.add_section()
-        table.add_row("client peak training memory", "", human_bytes(cost.peak_training_bytes))
-        table.add_row("client FLOPs per image (train step)", "", human_flops(cost.flops_per_image))
-        table.add_row("bytes up per client per round", "", human_bytes(cost.mean_up_per_round))
-        table.add_row("bytes down per client per round", "", human_bytes(cost.mean_down_per_round))
-        table.add_row("bytes up+down per client, whole run", "", human_bytes(cost.mean_total_per_client))
+        for label, value in (("client peak training memory", human_bytes(cost.peak_training_bytes)),
+                             ("client FLOPs per image (train step)", human_flops(cost.flops_per_image)),
+                             ("bytes up per client per round", human_bytes(cost.mean_up_per_round)),
+                             ("bytes down per client per round", human_bytes(cost.mean_down_per_round)),
+                             ("bytes up+down per client, whole run", human_bytes(cost.mean_total_per_client))):
+            table.add_row(label, "", "", value, "")
     return table
 
 
@@ -154,8 +158,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import evaluate_run
 
+    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
+
     result = evaluate_run(args.run_dir, probe=not args.no_probe)
-    console.print_json(json.dumps(result))
+    initial = {**result["random_init"], "pixels": result["pixels"]}
+    table = Table(title=f"{args.run_dir}: the final encoder, frozen",
+                  caption=learning_verdict(initial, result).replace("**", "") or None)
+    for i, name in enumerate(RESULT_HEADER):
+        table.add_column(name, justify="right" if i else "left")
+    for row in result_rows(initial, result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"[dim]written to {Path(args.run_dir) / 'eval.json'}[/dim]")
     return 0
 
 
@@ -244,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overhead: centralized vs federated images/s and memory; compare: every method on the "
                             "same data, written to docs/RESULTS.md (resumable)")
     bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
-    bench.add_argument("--preset", default="cpu-small", help="compare: cpu-small (about an hour on 2 CPU cores) or "
-                                                             "gpu-paper (the papers' scale, for a GPU)")
+    bench.add_argument("--preset", default="cpu", help="compare: cpu (about two hours on 2 CPU cores) or "
+                                                       "gpu-paper (the papers' scale, for a GPU)")
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
     bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md and its plots go")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,13 +80,22 @@ def summarize_run(path: Path) -> dict[str, Any]:
     metrics = read_jsonl(run.metrics)
     finetune = path / FINETUNE_FILE
     reference = [r for r in ledger.rows if r["kind"] == REFERENCE_STEP_COST]
+    initial, trained = final["initial"], final["final"]
+    pixels = initial.get("pixels", {})
     return {
         "method": cfg.method,
         "seed": cfg.seed,
-        "knn": final["final"]["knn_acc"],
-        "probe": final["final"].get("probe_acc"),
-        "knn_init": final["initial"]["knn_acc"],
-        "probe_init": final["initial"].get("probe_acc"),
+        "knn": trained["knn_acc"],
+        "probe": trained.get("probe_acc"),
+        "knn_init": initial["knn_acc"],
+        "probe_init": initial.get("probe_acc"),
+        "knn_pixels": pixels.get("knn_acc"),
+        "probe_pixels": pixels.get("probe_acc"),
+        "val_knn": trained.get("val_knn_acc"),
+        "val_knn_init": initial.get("val_knn_acc"),
+        "val_knn_pixels": pixels.get("val_knn_acc"),
+        "optimizer_steps": ledger.optimizer_steps(),
+        "code_version": final.get("code_version", "unrecorded"),
         "finetune": json.loads(finetune.read_text())["test_acc"] if finetune.is_file() else None,
         "memory": cost.peak_training_bytes if cost else None,
         "flops": cost.flops_per_image if cost else None,
@@ -126,42 +135,56 @@ class MethodSpec:
     label: str
     family: str  # "resnet" | "vit": which base config it trains
     overrides: tuple[str, ...]
-    federated: bool = True  # False: the centralized ceiling, run once (no partition, no clients)
-    split_clients: tuple[int, ...] = ()  # extra client counts only this method runs at (MocoSFL: 1,000)
+    federated: bool = True  # False: the centralized ceiling, run once per seed (no partition, no clients)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One setting of a comparison: a partition over some clients, which methods run there, with which seeds."""
+
+    partition: str  # its label, e.g. "Dirichlet 0.5"
+    overrides: tuple[str, ...]  # e.g. ("partition=dirichlet", "alpha=0.5")
+    clients: int
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...] = ()  # labels of the federated methods run here (() = every federated method)
+
+    @property
+    def group(self) -> str:
+        return f"{self.partition}, {self.clients:,} clients"
 
 
 @dataclass(frozen=True)
 class ComparePreset:
-    """A whole comparison: data, the two backbone families, methods, partitions, client counts, seeds."""
+    """A whole comparison: data, the two backbone families, methods, the settings (blocks) and the ceilings' seeds."""
 
     name: str
     description: str
     data: Mapping[str, Any]  # dataset keys shared by every run
     families: Mapping[str, Mapping[str, Any]]  # family -> base config (TOML-like)
     methods: tuple[MethodSpec, ...]
-    partitions: tuple[tuple[str, tuple[str, ...]], ...]  # (label, overrides)
-    clients: tuple[int, ...]
-    seeds: tuple[int, ...]
+    blocks: tuple[Block, ...]
+    ceiling_seeds: tuple[int, ...]
+    headline: str  # the group the plots and the claims' table read (a Block.group)
     finetune: bool = False
+    method_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> preset-specific keys
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.ceiling_seeds, *(s for b in self.blocks for s in b.seeds)}))
 
 
-PARTITIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("IID", ("partition=iid",)),
-    ("Dirichlet 0.5", ("partition=dirichlet", "alpha=0.5")),
-    ("2 classes per client", ("partition=pathological", "classes_per_client=2")),
-)
+IID = ("IID", ("partition=iid",))
+DIRICHLET = ("Dirichlet 0.5", ("partition=dirichlet", "alpha=0.5"))
+TWO_CLASSES = ("2 classes per client", ("partition=pathological", "classes_per_client=2"))
 
-_MOCO_V2 = ("ssl.temperature=0.2", "ssl.augment=\"mocov2\"")
 METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("centralized MoCo v2 (ceiling)", "resnet", ("method=centralized", "ssl.objective=mocov2"),
                federated=False),
     MethodSpec("FedMoCo v2", "resnet", ("method=fedmoco",)),
     MethodSpec("FedSimCLR", "resnet", ("method=fedsimclr", "ssl.augment=\"simclr\"", "ssl.temperature=0.5")),
     MethodSpec("FedBYOL", "resnet", ("method=fedbyol", "ssl.augment=\"byol\"")),
-    MethodSpec("MocoSFL-1 (cut 1)", "resnet", ("method=mocosfl", "split.cut=1", "split.auto_adjust=true",
-                                               "ssl.temperature=0.1"), split_clients=(1000,)),
-    MethodSpec("MocoSFL-3 (cut 2)", "resnet", ("method=mocosfl", "split.cut=2", "split.auto_adjust=true",
-                                               "ssl.temperature=0.1"), split_clients=(1000,)),
+    MethodSpec("MocoSFL-1 (cut 1)", "resnet", ("method=mocosfl", "split.cut=1", "split.auto_adjust=true")),
+    MethodSpec("MocoSFL-3 (cut 2)", "resnet", ("method=mocosfl", "split.cut=2", "split.auto_adjust=true")),
     MethodSpec("centralized MoCo v3 (ViT ceiling)", "vit", ("method=centralized", "ssl.objective=mocov3"),
                federated=False),
     MethodSpec("FedMoCo v3 (ViT, end-to-end)", "vit", ("method=fedmocov3",)),
@@ -169,31 +192,49 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("LW-FedSSL full (calibration + alignment)", "vit",
                ("method=lw-fedssl", "calibration.aux_fraction=0.05", "calibration.steps=10", "alignment.weight=0.5")),
     MethodSpec("Prog-FedSSL", "vit", ("method=prog-fedssl",)),
-    MethodSpec("FedMAE (stage-wise)", "vit", ("method=fedmae", "optimizer=\"adamw\"", "lr=1.5e-3",
-                                              "weight_decay=0.05", "mae.decoder_width=32", "mae.decoder_heads=2",
-                                              "mae.pictures=4")),
+    MethodSpec("FedMAE (stage-wise)", "vit", ("method=fedmae", "mae.pictures=4")),
+    MethodSpec("federated MAE (end-to-end)", "vit", ("method=fedmae", "mae.cascade=\"end-to-end\"", "mae.pictures=4")),
 )
+ALL_FEDERATED = tuple(m.label for m in METHOD_SPECS if m.federated)
+
+
+def _paper_blocks(seeds: tuple[int, ...]) -> tuple[Block, ...]:
+    """Every partition x 10 and 100 clients for every method, MocoSFL also at 1,000 clients."""
+    mocosfl = tuple(m for m in ALL_FEDERATED if m.startswith("MocoSFL"))
+    return tuple(Block(label, part, clients, seeds) for label, part in (IID, DIRICHLET, TWO_CLASSES)
+                 for clients in (10, 100)) + tuple(Block(label, part, 1000, seeds, mocosfl)
+                                                   for label, part in (IID, DIRICHLET, TWO_CLASSES))
+
+
+_CPU_RESNET = {"model": {"arch": "resnet", "width": 16, "blocks_per_stage": [1, 1, 1, 1], "norm": "group",
+                         "group_channels": 8},
+               "rounds": 8, "local_epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.06,
+               "weight_decay": 5e-4, "ssl": {"proj_hidden": 256, "proj_dim": 128, "queue_size": 1024, "blur": False},
+               "eval": {"every": 0}}
+_CPU_VIT = {"model": {"arch": "vit", "width": 64, "depth": 4, "heads": 4, "patch_size": 4}, "rounds": 8,
+            "local_epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+            "layerwise": {"rounds_per_stage": 2},
+            "ssl": {"proj_hidden": 256, "proj_dim": 128, "temperature": 0.2, "blur": False},
+            "mae": {"decoder_width": 64, "decoder_heads": 2},
+            "eval": {"every": 0}}
 
 COMPARE_PRESETS: dict[str, ComparePreset] = {
-    "cpu-small": ComparePreset(
-        name="cpu-small",
-        description=("the real CIFAR-10 subset (5,085 train / 1,017 test images), a narrow ResNet-10 (width 8, "
-                     "GroupNorm) and a 3-block ViT (width 32, patch 4), 3 rounds of one local epoch (MocoSFL: the "
-                     "same image-steps; layer-wise methods: one round per block), one seed; under an hour on 2 CPU "
-                     "cores"),
+    "cpu": ComparePreset(
+        name="cpu",
+        description=("the real CIFAR-10 subset (5,085 train / 1,017 test images), a ResNet-10 (width 16, GroupNorm "
+                     "of 8 channels per group: the MocoSFL client's net) and a 4-block ViT (width 64, patch 4), "
+                     "8 passes over the data for every method (8 rounds of one local epoch; layer-wise methods: 2 "
+                     "rounds per block; MocoSFL: 8 sync periods of about an epoch each); Dirichlet 0.5 over 10 "
+                     "clients with three seeds, 2 classes per client over 100 clients, IID over 100 clients for "
+                     "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; about two hours on 2 CPU cores"),
         data={"dataset": "cifar10", "download": False},
-        families={
-            "resnet": {"model": {"arch": "resnet", "width": 8, "blocks_per_stage": [1, 1, 1, 1], "norm": "group"},
-                       "rounds": 3, "local_epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.06,
-                       "weight_decay": 5e-4, "ssl": {"proj_hidden": 256, "proj_dim": 128, "queue_size": 1024},
-                       "eval": {"every": 0}},
-            "vit": {"model": {"arch": "vit", "width": 32, "depth": 3, "heads": 2, "patch_size": 4}, "rounds": 3,
-                    "local_epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5,
-                    "layerwise": {"rounds_per_stage": 1},
-                    "ssl": {"proj_hidden": 128, "proj_dim": 64, "temperature": 0.2},
-                    "eval": {"every": 0}},
-        },
-        methods=METHOD_SPECS, partitions=PARTITIONS, clients=(10, 100), seeds=(0,)),
+        families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
+        methods=tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)"),
+        blocks=(Block(*DIRICHLET, 10, (0, 1, 2)),
+                Block(*TWO_CLASSES, 100, (0,)),
+                Block(*IID, 100, (0,), ("FedMoCo v2", "MocoSFL-1 (cut 1)")),
+                Block(*TWO_CLASSES, 1000, (0,), ("MocoSFL-1 (cut 1)",))),
+        ceiling_seeds=(0, 1, 2), headline="Dirichlet 0.5, 10 clients"),
     "gpu-paper": ComparePreset(
         name="gpu-paper",
         description=("the papers' scale: full CIFAR-10 (downloaded), ResNet-18 (width 64, GroupNorm) and ViT-Tiny "
@@ -201,7 +242,8 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                      "for the ViT methods, three seeds, fine-tuning too; for a GPU (`--set device=cuda`)"),
         data={"dataset": "cifar10", "download": True},
         families={
-            "resnet": {"model": {"arch": "resnet", "width": 64, "blocks_per_stage": [2, 2, 2, 2], "norm": "group"},
+            "resnet": {"model": {"arch": "resnet", "width": 64, "blocks_per_stage": [2, 2, 2, 2], "norm": "group",
+                                 "group_channels": 8},
                        "rounds": 100, "local_epochs": 1, "batch_size": 128, "optimizer": "sgd", "lr": 0.06,
                        "weight_decay": 5e-4, "ssl": {"proj_hidden": 512, "proj_dim": 128, "queue_size": 6000},
                        "eval": {"every": 10}},
@@ -211,7 +253,10 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                     "ssl": {"proj_hidden": 512, "proj_dim": 256, "temperature": 0.2},
                     "eval": {"every": 15}},
         },
-        methods=METHOD_SPECS, partitions=PARTITIONS, clients=(10, 100), seeds=(0, 1, 2), finetune=True),
+        methods=METHOD_SPECS, blocks=_paper_blocks((0, 1, 2)), ceiling_seeds=(0, 1, 2),
+        headline="Dirichlet 0.5, 10 clients", finetune=True,
+        method_overrides={"FedMAE (stage-wise)": ("lr=1.5e-3", "mae.decoder_width=128"),
+                          "federated MAE (end-to-end)": ("lr=1.5e-3", "mae.decoder_width=128")}),
 }
 
 
@@ -220,19 +265,27 @@ def _slug(text: str) -> str:
 
 
 def build_grid(preset: ComparePreset, extra: Sequence[str] = ()) -> list[Setting]:
-    """Every run of a preset: each method x partition x client count x seed (a ceiling once per seed)."""
+    """Every run of a preset: the ceilings once per ceiling seed, then each block's methods x its seeds."""
     settings: list[Setting] = []
-    for seed in preset.seeds:
-        for spec in preset.methods:
-            values = {**preset.families[spec.family], **preset.data}
-            common = (*spec.overrides, f"seed={seed}", *extra)
-            if not spec.federated:
-                settings.append(Setting(f"{_slug(spec.label)}-s{seed}", spec.label, values, common,
-                                        group="pooled data", finetune=preset.finetune))
-                continue
-            for part_label, part in preset.partitions:
-                for clients in (*preset.clients, *spec.split_clients):
-                    key = f"{_slug(spec.label)}-{_slug(part_label)}-{clients}c-s{seed}"
-                    settings.append(Setting(key, spec.label, values, (*part, f"clients={clients}", *common),
-                                            group=f"{part_label}, {clients:,} clients", finetune=preset.finetune))
+    specs = {m.label: m for m in preset.methods}
+
+    def overrides(spec: MethodSpec, seed: int) -> tuple[str, ...]:
+        return (*spec.overrides, *preset.method_overrides.get(spec.label, ()), f"seed={seed}", *extra)
+
+    def values(spec: MethodSpec) -> dict[str, Any]:
+        return {**preset.families[spec.family], **preset.data}
+
+    for spec in (m for m in preset.methods if not m.federated):
+        for seed in preset.ceiling_seeds:
+            settings.append(Setting(f"{_slug(spec.label)}-s{seed}", spec.label, values(spec), overrides(spec, seed),
+                                    group="pooled data", finetune=preset.finetune))
+    for block in preset.blocks:
+        labels = block.methods or tuple(m.label for m in preset.methods if m.federated)
+        for label in labels:
+            spec = specs[label]
+            for seed in block.seeds:
+                key = f"{_slug(label)}-{_slug(block.partition)}-{block.clients}c-s{seed}"
+                settings.append(Setting(key, label, values(spec),
+                                        (*block.overrides, f"clients={block.clients}", *overrides(spec, seed)),
+                                        group=block.group, finetune=preset.finetune))
     return settings

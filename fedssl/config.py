@@ -38,6 +38,7 @@ class ModelConfig:
     width: int = 16  # ResNet base width (64 = ResNet-18) or ViT embedding width
     blocks_per_stage: tuple[int, ...] = (1, 1, 1, 1)  # (2, 2, 2, 2) = ResNet-18
     norm: str = "group"  # group (weight-standardised conv + GroupNorm) | batch
+    group_channels: int = 0  # GroupNorm: channels per group (0 = up to 32 groups of >= 2 channels)
     stem: str = "cifar"  # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
     patch_size: int = 4  # ViT
     depth: int = 6  # ViT blocks
@@ -56,6 +57,7 @@ class SSLConfig:
     proj_hidden: int = 512
     proj_dim: int = 128
     augment: str = "mocov2"  # mocov2 | simclr | byol (kornia, batched)
+    blur: bool = True  # the preset's Gaussian blur (False: none, e.g. on 32x32 images)
     exchange_momentum: bool = False  # False: momentum branch re-copied from the online net each round, never sent
 
 
@@ -66,6 +68,10 @@ class EvalConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     every: int = 1  # kNN monitor every N rounds (0 = only at the end)
+    # > 0: this share of the TRAINING split is held out as a validation split before partitioning (no client
+    # sees it); the kNN monitor and every choice (benchmarks/recipes.py) read it, and the test split is
+    # scored once, at the end, on the final encoder. 0: no validation split (the monitor reads the test split).
+    val_fraction: float = 0.0
     probe: bool = True
     probe_epochs: int = 100
     batch_size: int = 256
@@ -183,6 +189,7 @@ class RunConfig:
     sgd_momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # cosine (over rounds) | constant
+    warmup_rounds: int = 0  # linear learning-rate warm-up over the first rounds (round-based schedule)
     # run
     seed: int = 0
     device: str = "cpu"
@@ -235,6 +242,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.local_steps >= 0, "local_steps", "must be >= 0 (0 = use local_epochs)")
     _check(cfg.batch_size >= 2, "batch_size", "must be >= 2 (two views need a pair)")
     _check(cfg.lr > 0, "lr", "must be > 0")
+    _check(0 <= cfg.warmup_rounds < cfg.rounds, "warmup_rounds", f"{cfg.warmup_rounds} must be in [0, rounds)")
     _check(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     _check(0 <= cfg.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
     _check(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = native size)")
@@ -242,6 +250,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "use cpu or cuda[:N]")
     _check(cfg.model.width >= 1, "model.width", "must be >= 1")
+    _check(cfg.model.group_channels >= 0, "model.group_channels", "must be >= 0 (0 = up to 32 groups of >= 2)")
     _check(len(cfg.model.blocks_per_stage) >= 1 and min(cfg.model.blocks_per_stage) >= 1,
            "model.blocks_per_stage", "needs one or more stages of >= 1 block, e.g. [2, 2, 2, 2]")
     _check(cfg.model.depth >= 1 and cfg.model.heads >= 1 and cfg.model.patch_size >= 1,
@@ -267,6 +276,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _check(0 <= cfg.eval.val_fraction <= 0.5, "eval.val_fraction", f"{cfg.eval.val_fraction} must be in [0, 0.5] "
+           "(0 = no validation split)")
     _check(cfg.eval.probe_epochs >= 1, "eval.probe_epochs", "must be >= 1")
     _check(cfg.eval.finetune_epochs >= 1, "eval.finetune_epochs", "must be >= 1")
     _check(cfg.eval.finetune_lr > 0, "eval.finetune_lr", "must be > 0")

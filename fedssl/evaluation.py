@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EvalResult", "evaluate", "extract_features", "fine_tune", "knn_accuracy", "linear_probe"]
+__all__ = ["EvalResult", "PixelEncoder", "evaluate", "extract_features", "fine_tune", "knn_accuracy", "linear_probe"]
 
 
 @torch.no_grad()
@@ -119,10 +119,14 @@ def knn_accuracy(
     return int((predicted == test_labels.long()).sum()) / predicted.shape[0]
 
 
+def _train_statistics(train: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std of the TRAIN features: (1, D) each."""
+    return train.mean(dim=0, keepdim=True), train.std(dim=0, keepdim=True).clamp_min(eps)
+
+
 def _standardise(train: Tensor, test: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Standardise both splits with the TRAIN mean and std."""
-    mean = train.mean(dim=0, keepdim=True)  # (1, D)
-    std = train.std(dim=0, keepdim=True).clamp_min(eps)  # (1, D)
+    mean, std = _train_statistics(train, eps)
     return (train - mean) / std, (test - mean) / std
 
 
@@ -147,6 +151,7 @@ def linear_probe(
     batch_size: int = 256,
     seed: int = 0,
     num_classes: int | None = None,
+    extra: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, float]:
     """Train a linear classifier on frozen TRAIN features; score it once on TEST.
 
@@ -155,7 +160,9 @@ def linear_probe(
     ``weight_decay``) and a cosine learning-rate decay over a fixed
     ``epochs`` of shuffled mini-batches (the shuffling is drawn from ``seed``,
     so results are deterministic). No early stopping, no model selection.
-    Returns ``{"train_acc", "test_acc", "train_loss"}`` (last-epoch mean loss).
+    Returns ``{"train_acc", "test_acc", "train_loss"}`` (last-epoch mean loss), plus
+    ``{name}_acc`` for every ``extra`` split ``name -> (features, labels)`` (e.g. a validation
+    split), scored by the same classifier.
     """
     _check_split(train_features, train_labels, "train")
     _check_split(test_features, test_labels, "test")
@@ -189,23 +196,52 @@ def linear_probe(
             train_loss = total / train_x.shape[0]
 
     # test labels are read here, once, after training is finished
-    return {
+    scores = {
         "train_acc": _accuracy(classifier, train_x, train_y),
         "test_acc": _accuracy(classifier, test_x, test_labels.long()),
         "train_loss": train_loss,
     }
+    mean, std = _train_statistics(train_features.float())
+    for name, (features, labels) in (extra or {}).items():
+        _check_split(features, labels, name)
+        scores[f"{name}_acc"] = _accuracy(classifier, (features.float() - mean) / std, labels.long())
+    return scores
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Accuracies (fractions) of one frozen encoder; ``probe_acc`` is None when the probe was skipped."""
+    """Accuracies (fractions) of one frozen encoder; ``probe_acc`` is None when the probe was skipped.
+
+    ``val_*``: the same classifiers scored on a validation split carved from the TRAIN split
+    (``eval.val_fraction``); None where the run has none.
+    """
 
     knn_acc: float
     probe_acc: float | None
     feature_dim: int
+    val_knn_acc: float | None = None
+    val_probe_acc: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        """Every field; the ``val_*`` ones only where a validation split was scored."""
+        return {k: v for k, v in asdict(self).items() if not (k.startswith("val_") and v is None)}
+
+
+class PixelEncoder(nn.Module):
+    """The raw-pixels baseline: normalised images, average-pooled to at most ``side`` x ``side``, flattened.
+
+    (N, C, H, W) -> (N, C * min(H, side)^2). It has no weights: what a kNN or a probe gets from it is
+    what the pixels alone give, the floor an encoder must clear.
+    """
+
+    def __init__(self, side: int = 32) -> None:
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] > self.side:
+            x = F.adaptive_avg_pool2d(x, self.side)  # (N, C, side, side)
+        return x.flatten(1)
 
 
 def evaluate(
@@ -223,17 +259,30 @@ def evaluate(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     seed: int = 0,
+    val: tuple[Tensor, Tensor] | None = None,
 ) -> EvalResult:
-    """Extract frozen features once, then kNN and (optionally) the linear probe on them."""
-    train_features = extract_features(encoder, train_images, transform=transform, batch_size=batch_size, device=device)
-    test_features = extract_features(encoder, test_images, transform=transform, batch_size=batch_size, device=device)
-    knn = knn_accuracy(train_features, train_labels, test_features, test_labels, k=knn_k, temperature=knn_t)
-    probe_acc = None
+    """Extract frozen features once, then kNN and (optionally) the linear probe on them.
+
+    ``val``: (images, labels) of a validation split, scored by the same kNN bank and probe.
+    """
+    def features(images: Tensor) -> Tensor:
+        return extract_features(encoder, images, transform=transform, batch_size=batch_size, device=device)
+
+    train_features, test_features = features(train_images), features(test_images)
+    val_features = None if val is None else features(val[0])
+
+    def knn(queries: Tensor, labels: Tensor) -> float:
+        return knn_accuracy(train_features, train_labels, queries, labels, k=knn_k, temperature=knn_t)
+
+    scores: dict[str, float] = {}
     if probe:
-        probe_acc = linear_probe(
-            train_features, train_labels, test_features, test_labels, epochs=probe_epochs, seed=seed
-        )["test_acc"]
-    return EvalResult(knn_acc=knn, probe_acc=probe_acc, feature_dim=train_features.shape[1])
+        extra = {} if val_features is None else {"val": (val_features, val[1])}
+        scores = linear_probe(train_features, train_labels, test_features, test_labels, epochs=probe_epochs,
+                              seed=seed, extra=extra)
+    return EvalResult(knn_acc=knn(test_features, test_labels), probe_acc=scores.get("test_acc"),
+                      feature_dim=train_features.shape[1],
+                      val_knn_acc=None if val_features is None else knn(val_features, val[1]),
+                      val_probe_acc=scores.get("val_acc"))
 
 
 def fine_tune(

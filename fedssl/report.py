@@ -71,10 +71,49 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULT_HEADER = ["", "raw pixels", "random init", "trained", "trained - random init"]
+_SCORES = (("knn_acc", "kNN accuracy, test split"), ("probe_acc", "linear probe, test split"),
+           ("val_knn_acc", "kNN accuracy, validation split"), ("val_probe_acc", "linear probe, validation split"))
+
+
+def _points(value: Any) -> str:
+    return "—" if value is None else f"{100 * value:+.2f} points"
+
+
+def result_rows(initial: dict[str, Any], final: dict[str, Any]) -> list[list[str]]:
+    """One row per score the run has: raw pixels, the random-init encoder of the FINAL architecture, the
+    trained one and the difference (``RESULT_HEADER``). Runs from before the pixels baseline show "—"."""
+    pixels = initial.get("pixels", {})
+    rows = []
+    for key, label in _SCORES:
+        if final.get(key) is None and key.startswith("val_"):
+            continue
+        start, end = initial.get(key), final.get(key)
+        gain = None if start is None or end is None else end - start
+        rows.append([label, _pct(pixels.get(key)), _pct(start), _pct(end), _points(gain)])
+    return rows
+
+
+def learning_verdict(initial: dict[str, Any], final: dict[str, Any]) -> str:
+    """A sentence when the trained encoder is no better than its random init (or raw pixels); "" otherwise."""
+    start, end = initial.get("knn_acc"), final.get("knn_acc")
+    if start is None or end is None:
+        return ""
+    if end < start:
+        return (f"**Did not learn: final kNN below random init** ({_pct(end)} vs {_pct(start)} for the untrained "
+                "encoder of the same architecture).")
+    pixels = initial.get("pixels", {}).get("knn_acc")
+    if pixels is not None and end < pixels:
+        return f"**Below raw pixels:** the trained encoder's kNN ({_pct(end)}) is below the pixels' ({_pct(pixels)})."
+    return ""
+
+
 def result_section(initial: dict[str, Any], final: dict[str, Any]) -> str:
-    rows = [["kNN accuracy (k, T from config)", _pct(initial.get("knn_acc")), _pct(final.get("knn_acc"))],
-            ["linear probe accuracy", _pct(initial.get("probe_acc")), _pct(final.get("probe_acc"))]]
-    return "## Result: the final encoder, frozen\n\n" + markdown_table(["", "random init", "trained"], rows)
+    verdict = learning_verdict(initial, final)
+    return ("## Result: the final encoder, frozen\n\n" + (f"{verdict}\n\n" if verdict else "")
+            + "kNN: cosine, k and T from the config, the training split as the bank; probe: linear, fixed epochs. "
+              "Random init is the untrained encoder of the same (final) architecture; raw pixels are the normalised "
+              "images themselves.\n\n" + markdown_table(RESULT_HEADER, result_rows(initial, final)))
 
 
 def cost_section(cost: ClientCost | None) -> str:
@@ -228,8 +267,10 @@ def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
 
 def finish_run(outcome: RunOutcome, cfg: RunConfig) -> None:
     """final.json (evaluations, ledger summary, class histogram) and the report."""
+    from fedssl.version import code_version
+
     summary = {"initial": outcome.initial, "final": outcome.final, "ledger": outcome.ledger.summary(),
-               "histogram": outcome.histogram.tolist()}
+               "histogram": outcome.histogram.tolist(), "code_version": code_version()}
     atomic_write_text(outcome.run.final, json.dumps(summary, indent=1, sort_keys=True))
     write_report(outcome, cfg)
 

@@ -40,6 +40,7 @@ from fedssl.io import atomic_write_text
 __all__ = [
     "DOWNLOAD",
     "REFERENCE_STEP_COST",
+    "SERVER_ID",
     "STEP_COST",
     "UPLOAD",
     "Ledger",
@@ -56,6 +57,7 @@ UPLOAD = "upload"
 DOWNLOAD = "download"
 STEP_COST = "step_cost"
 SERVER_STEP_COST = "server_step_cost"  # split methods: the server's part of a step
+SERVER_ID = -1  # the ``client`` of the server's own rows (e.g. SERVER_STEP_COST): never counted as a client
 REFERENCE_STEP_COST = "reference_step_cost"  # the client step of the method's reference (Method.reference_cost)
 
 
@@ -430,15 +432,19 @@ class Ledger:
         self.record(round=round, client=client, kind=STEP_COST, **cost.as_dict())
 
     def clients(self) -> list[int]:
-        """Every client that appears in any row, sorted."""
-        return sorted({row["client"] for row in self.rows})
+        """Every client that appears in any row, sorted; the server's rows (``SERVER_ID``) are not a client's."""
+        return sorted({row["client"] for row in self.rows if row["client"] != SERVER_ID})
+
+    def optimizer_steps(self) -> int:
+        """Local optimizer steps over the run, summed over every client's uploads (0 where none are recorded)."""
+        return int(sum(row.get("steps", 0) for row in self.rows if row["kind"] == UPLOAD))
 
     def bytes_per_client(self) -> dict[int, dict[str, int]]:
         """Total bytes each client uploaded and downloaded over the run: ``{client: {"up", "down"}}``."""
         totals = {client: {"up": 0, "down": 0} for client in self.clients()}
         direction = {UPLOAD: "up", DOWNLOAD: "down"}
         for row in self.rows:
-            if row["kind"] in direction:
+            if row["kind"] in direction and row["client"] != SERVER_ID:
                 totals[row["client"]][direction[row["kind"]]] += int(row["bytes"])
         return totals
 

@@ -54,10 +54,14 @@ def batch_indices(num_samples: int, batch_size: int, *, epochs: int, steps: int,
 
 
 def round_lr(cfg: RunConfig, round_index: int) -> float:
-    """The learning rate of a round: cosine decay over rounds (to 0 at the end) or constant."""
+    """The learning rate of a round: linear warm-up over ``warmup_rounds`` (round r at (r+1)/(W+1) of the rate),
+    then cosine decay over the rest (to 0 at the end) or constant."""
+    warm = cfg.warmup_rounds
+    if round_index < warm:
+        return cfg.lr * (round_index + 1) / (warm + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * round_index / cfg.rounds))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (round_index - warm) / (cfg.rounds - warm)))
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: RunConfig, lr: float) -> torch.optim.Optimizer:

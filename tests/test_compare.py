@@ -11,25 +11,29 @@ import torch
 from fedssl.compare import COMPARE_PRESETS, Setting, build_grid, ensure_run, run_comparison, summarize_run
 from fedssl.errors import FedSSLError
 from fedssl.reliability import check_bad_configs
-from fedssl.results_page import fold_seeds, pareto_front, render_results_page
+from fedssl.results_page import Claim, claim_verdict, fold_seeds, pareto_front, render_results_page
 from tests.helpers import TINY
 
 
 def test_grids_cover_every_method_partition_and_client_count() -> None:
-    small = build_grid(COMPARE_PRESETS["cpu-small"], ["data_dir=/data"])
-    keys = [s.key for s in small]
-    assert len(keys) == len(set(keys)) == 68  # 10 federated methods x 3 partitions x 2 counts + MocoSFL x 2 at 1,000 + 2 ceilings
-    labels = {s.label for s in small}
+    cpu = build_grid(COMPARE_PRESETS["cpu"], ["data_dir=/data"])
+    keys = [s.key for s in cpu]
+    # 2 ceilings x 3 seeds + 10 federated methods x 3 seeds (Dirichlet, 10) + 10 (2 classes, 100) + 2 (IID, 100) + 1
+    assert len(keys) == len(set(keys)) == 6 + 30 + 10 + 2 + 1
+    labels = {s.label for s in cpu}
     assert {"FedMoCo v2", "FedMoCo v3 (ViT, end-to-end)", "FedSimCLR", "FedBYOL", "MocoSFL-1 (cut 1)",
-            "MocoSFL-3 (cut 2)", "LW-FedSSL", "LW-FedSSL full (calibration + alignment)", "Prog-FedSSL",
-            "FedMAE (stage-wise)", "centralized MoCo v2 (ceiling)"} <= labels
-    groups = {s.group for s in small if s.label == "MocoSFL-1 (cut 1)"}
-    assert "2 classes per client, 1,000 clients" in groups and len(groups) == 9
-    for setting in small:  # every config is valid
+            "LW-FedSSL", "Prog-FedSSL", "FedMAE (stage-wise)", "federated MAE (end-to-end)",
+            "centralized MoCo v2 (ceiling)", "centralized MoCo v3 (ViT ceiling)"} <= labels
+    groups = {s.group for s in cpu if s.label == "MocoSFL-1 (cut 1)"}
+    assert groups == {"Dirichlet 0.5, 10 clients", "2 classes per client, 100 clients", "IID, 100 clients",
+                      "2 classes per client, 1,000 clients"}
+    headline = [s for s in cpu if s.group == COMPARE_PRESETS["cpu"].headline]
+    assert {s.config().seed for s in headline} == {0, 1, 2}
+    for setting in cpu:  # every config is valid, and every method gets the same passes over the data
         cfg = setting.config()
-        assert cfg.data_dir == "/data" and cfg.seed == 0
+        assert cfg.data_dir == "/data" and cfg.rounds * cfg.local_epochs == 8
     paper = build_grid(COMPARE_PRESETS["gpu-paper"])
-    assert len(paper) == 3 * 68 and {s.config().seed for s in paper} == {0, 1, 2}
+    assert len(paper) == 3 * (2 + 11 * 6 + 2 * 3) and {s.config().seed for s in paper} == {0, 1, 2}
     assert all(s.finetune for s in paper)
 
 
@@ -55,20 +59,47 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_read_back(tmp_path: Pa
         run_comparison([_setting("b"), _setting("b")], tmp_path)
 
 
+def _row(group: str, label: str, method: str, knn: float, seed: int = 0, **extra: float) -> dict:
+    return {"group": group, "label": label, "method": method, "knn": knn, "probe": knn + 0.1, "finetune": None,
+            "knn_init": 0.2, "probe_init": 0.25, "knn_pixels": 0.22, "memory": 1e6, "flops": 1e8, "comm": 2e6,
+            "train_seconds": 10.0, "optimizer_steps": 100, "image_steps": 6400, "seed": seed,
+            "code_version": "abc", **extra}
+
+
 def test_seeds_fold_into_mean_and_spread_and_the_page_renders(tmp_path: Path) -> None:
-    rows = [{"group": "Dirichlet 0.5, 10 clients", "label": "FedMoCo v2", "method": "fedmoco", "knn": k,
-             "probe": k + 0.1, "finetune": None, "knn_init": 0.2, "memory": 1e6, "flops": 1e8, "comm": 2e6,
-             "train_seconds": 10.0, "seed": s} for s, k in enumerate((0.3, 0.5))]
-    rows.append({"group": "pooled data", "label": "centralized MoCo v2 (ceiling)", "method": "centralized",
-                 "knn": 0.6, "probe": 0.7, "finetune": None, "knn_init": 0.2, "memory": 3e6, "flops": 1e8, "comm": 0.0,
-                 "train_seconds": 5.0, "seed": 0})
+    headline = COMPARE_PRESETS["gpu-paper"].headline
+    rows = [_row(headline, "FedMoCo v2", "fedmoco", k, s) for s, k in enumerate((0.3, 0.5))]
+    rows.append(_row("pooled data", "centralized MoCo v2 (ceiling)", "centralized", 0.6, comm=0.0))
     folded = fold_seeds(rows)
     fed = next(r for r in folded if r["label"] == "FedMoCo v2")
     assert fed["seeds"] == 2 and fed["knn"] == pytest.approx(0.4) and fed["knn_spread"] == pytest.approx(0.1)
+    assert fed["knn_gain"] == pytest.approx(0.2) and fed["code_versions"] == ["abc"]
     page = render_results_page(COMPARE_PRESETS["gpu-paper"], rows, when="2026-01-01", machine="test machine",
                                command="fedssl bench compare", plots=["results/a.png"], reliability="## Reliability\n")
     assert "40.00% ± 10.00" in page and "— (pooled)" in page and "![a](results/a.png)" in page
-    assert "87.71%" in page and "## Reliability" in page
+    assert "87.71" in page and "## Reliability" in page and "random init" in page
+    assert "+20.00 ± 10.00" in page and "same code: `abc`" in page
+    mixed = render_results_page(COMPARE_PRESETS["gpu-paper"], [*rows, _row(headline, "FedBYOL", "fedbyol", 0.1,
+                                                                            code_version="def")],
+                                when="x", machine="m", command="c", plots=[], reliability="")
+    assert "different code versions" in mixed and "(did not learn)" in mixed
+
+
+def test_claims_get_verdicts_from_the_measured_rows() -> None:
+    group = "Dirichlet 0.5, 10 clients"
+    e2e, lw = "FedMoCo v3 (ViT, end-to-end)", "LW-FedSSL"
+    close = Claim("LW within 2.5", "x", (lw, group), (e2e, group), margin=0.025)
+    rows = fold_seeds([_row(group, e2e, "fedmocov3", 0.40, s) for s in range(3)]
+                      + [_row(group, lw, "lw-fedssl", k, s, memory=2.5e5) for s, k in enumerate((0.38, 0.39, 0.39))])
+    assert claim_verdict(close, rows)[1] == "holds"
+    far = Claim("LW within 0.5", "x", (lw, group), (e2e, group), margin=0.005)
+    assert claim_verdict(far, rows)[1] == "does not hold"
+    memory = Claim("memory", "x", (lw, group), (e2e, group), key="memory", margin=3.0, ratio=True)
+    assert claim_verdict(memory, rows)[:2] == ("4.00x", "holds")
+    flat = fold_seeds([_row(group, e2e, "fedmocov3", 0.205), _row(group, lw, "lw-fedssl", 0.21)])
+    assert claim_verdict(close, flat)[1] == "cannot be tested here"  # neither learned: nothing to compare
+    assert claim_verdict(Claim("c", "x", ("MocoSFL-1 (cut 1)", group), (e2e, group)), rows)[1] == \
+        "cannot be tested here"  # not in the rows
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:

@@ -76,13 +76,14 @@ def _crop_flip(image_size: int, scale: tuple[float, float]) -> list[nn.Module]:
     return [K.RandomResizedCrop((image_size, image_size), scale=scale), K.RandomHorizontalFlip()]
 
 
-def _ssl_view(image_size: int, preset: AugmentPreset, view: int, channels: int) -> nn.Sequential:
-    """Crop, flip, colour (RGB only), blur and solarize ops of one view; normalisation is separate."""
+def _ssl_view(image_size: int, preset: AugmentPreset, view: int, channels: int, blur: bool = True) -> nn.Sequential:
+    """Crop, flip, colour (RGB only), blur (unless ``blur`` is False) and solarize ops of one view; normalisation
+    is separate."""
     ops = _crop_flip(image_size, preset.crop_scale)
     if channels == 3:  # colour jitter and grayscale mean nothing for 1-channel images
         ops.append(K.ColorJitter(*preset.jitter, p=preset.jitter_p))
         ops.append(K.RandomGrayscale(p=preset.gray_p))
-    if preset.blur_p[view] > 0:
+    if blur and preset.blur_p[view] > 0:
         k = blur_kernel_size(image_size)
         ops.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=preset.blur_p[view]))
     if preset.solarize_p[view] > 0:  # threshold exactly 0.5, as in BYOL
@@ -98,12 +99,13 @@ def _check_channels(mean: Sequence[float], channels: int) -> None:
 class TwoViewAugment(nn.Module):
     """Two independently augmented, normalised views of a batch (MoCo, SimCLR, BYOL)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], preset: str = "mocov2", channels: int = 3) -> None:
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], preset: str = "mocov2",
+                 channels: int = 3, blur: bool = True) -> None:
         super().__init__()
         if preset not in PRESETS:
             raise ConfigError(f"unknown augmentation preset {preset!r}: use one of {', '.join(PRESETS)}")
         _check_channels(mean, channels)
-        self.views = nn.ModuleList(_ssl_view(image_size, PRESETS[preset], v, channels) for v in range(2))
+        self.views = nn.ModuleList(_ssl_view(image_size, PRESETS[preset], v, channels, blur) for v in range(2))
         self.normalize = Normalize(mean, std)
 
     @torch.no_grad()

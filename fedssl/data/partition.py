@@ -83,11 +83,12 @@ def partition(
     return _parts_from_owner(_fill_empty_clients(owner, num_clients), num_clients)
 
 
-def hold_out(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded ``round(fraction * n)`` of the indices (a server's own share) and the rest, both sorted int64."""
+def hold_out(num_samples: int, fraction: float, seed: int, salt: int = 0xA0C5) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded ``round(fraction * n)`` of the indices (a server's own share, a validation split) and the rest,
+    both sorted int64. ``salt`` keeps two hold-outs of one run (validation, then the server's) independent."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"held-out fraction {fraction} must be in [0, 1); lower it")
-    rng = np.random.default_rng([seed, 0xA0C5])
+    rng = np.random.default_rng([seed, salt])
     order = rng.permutation(num_samples)
     k = int(round(fraction * num_samples))
     return np.sort(order[:k]).astype(np.int64), np.sort(order[k:]).astype(np.int64)

@@ -22,7 +22,7 @@ from fedssl.data.augment import EvalTransform
 from fedssl.data.datasets import ImageData, load_split
 from fedssl.data.partition import class_histogram, hold_out, partition
 from fedssl.errors import FedSSLError
-from fedssl.evaluation import evaluate, extract_features, knn_accuracy
+from fedssl.evaluation import PixelEncoder, evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
 from fedssl.resources import REFERENCE_STEP_COST, Ledger
@@ -53,10 +53,16 @@ class SilentObserver:
 class Federation:
     """The data as the run sees it: pooled train/test splits and the clients' index sets."""
 
-    train: ImageData
+    train: ImageData  # the training split less the validation split: the clients' pool and the kNN / probe bank
     test: ImageData
     client_indices: list[np.ndarray]
     server_indices: np.ndarray | None = None  # the server's auxiliary share (Method.aux_fraction), never a client's
+    val: ImageData | None = None  # eval.val_fraction of the training split, held out before partitioning
+
+    @property
+    def monitor(self) -> ImageData:
+        """What the kNN monitor scores: the validation split where there is one, else the test split."""
+        return self.test if self.val is None else self.val
 
     def client_data(self, client_id: int) -> ImageData:
         return self.train.subset(self.client_indices[client_id])
@@ -74,6 +80,10 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
                   seed=cfg.seed)
     train = load_split(cfg.dataset, "train", **kwargs)
     test = load_split(cfg.dataset, "test", **kwargs)
+    val = None
+    if cfg.eval.val_fraction > 0:
+        val_ix, rest = hold_out(len(train), cfg.eval.val_fraction, cfg.seed, salt=0x7A1)
+        train, val = train.subset(rest), train.subset(val_ix)
     server, pool = None, np.arange(len(train), dtype=np.int64)
     fraction = METHODS[cfg.method].aux_fraction(cfg)
     if fraction > 0 and not pooled:
@@ -84,7 +94,7 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
         parts = [pool[p] for p in partition(train.labels.numpy()[pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
                                             classes_per_client=cfg.classes_per_client,
                                             shards_per_client=cfg.shards_per_client, seed=cfg.seed)]
-    return Federation(train, test, parts, server)
+    return Federation(train, test, parts, server, val)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,24 +109,39 @@ def eval_transform(fed: Federation, device: torch.device) -> EvalTransform:
 
 
 def knn_monitor(method: Method, fed: Federation, cfg: RunConfig, device: torch.device) -> float:
-    """kNN accuracy of the current encoder (monitoring only: nothing is selected on it)."""
+    """kNN accuracy of the current encoder on ``fed.monitor`` (monitoring only: nothing is selected on it)."""
     transform = eval_transform(fed, device)
     encoder = method.encoder()
     train_f = extract_features(encoder, fed.train.images, transform=transform, batch_size=cfg.eval.batch_size,
                                device=device)
-    test_f = extract_features(encoder, fed.test.images, transform=transform, batch_size=cfg.eval.batch_size,
-                              device=device)
-    return knn_accuracy(train_f, fed.train.labels, test_f, fed.test.labels, k=cfg.eval.knn_k,
+    query_f = extract_features(encoder, fed.monitor.images, transform=transform, batch_size=cfg.eval.batch_size,
+                               device=device)
+    return knn_accuracy(train_f, fed.train.labels, query_f, fed.monitor.labels, k=cfg.eval.knn_k,
                         temperature=cfg.eval.knn_t, num_classes=fed.train.info.num_classes)
+
+
+def evaluate_encoder(encoder: torch.nn.Module, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """kNN + linear probe of a frozen encoder: bank and probe on the train split, scored on test (and val)."""
+    val = None if fed.val is None else (fed.val.images, fed.val.labels)
+    result = evaluate(encoder, fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
+                      transform=eval_transform(fed, device), knn_k=cfg.eval.knn_k, knn_t=cfg.eval.knn_t, probe=cfg.eval.probe,
+                      probe_epochs=cfg.eval.probe_epochs, device=device, batch_size=cfg.eval.batch_size,
+                      seed=cfg.seed, val=val)
+    return result.as_dict()
 
 
 def full_evaluation(method: Method, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """kNN + linear probe of the encoder as it is now (called on the FINAL encoder)."""
-    result = evaluate(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
-                      transform=eval_transform(fed, device), knn_k=cfg.eval.knn_k, knn_t=cfg.eval.knn_t, probe=cfg.eval.probe,
-                      probe_epochs=cfg.eval.probe_epochs, device=device, batch_size=cfg.eval.batch_size,
-                      seed=cfg.seed)
-    return result.as_dict()
+    return evaluate_encoder(method.encoder(), fed, cfg, device)
+
+
+def baseline_evaluation(method: Method, fed: Federation, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """What every result stands beside: the random-init encoder of the FINAL architecture, and raw pixels.
+
+    Called before the first round. ``pixels``: the same kNN + probe on the normalised pixels (``PixelEncoder``).
+    """
+    initial = evaluate_encoder(method.initial_encoder(), fed, cfg, device)
+    return {**initial, "pixels": evaluate_encoder(PixelEncoder().to(device), fed, cfg, device)}
 
 
 def run_round(method: Method, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
@@ -201,8 +226,8 @@ def _execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.
     checkpoint = load_checkpoint(run, cfg)
     if checkpoint is None:
         first_round, metrics, ledger = 0, [], Ledger(rows=[])
-        observer.message("evaluating the random-init encoder (kNN + linear probe) ...")
-        initial = full_evaluation(method, fed, cfg, device)
+        observer.message("evaluating the random-init encoder and raw pixels (kNN + linear probe) ...")
+        initial = baseline_evaluation(method, fed, cfg, device)
         measure_client_costs(method, fed, ledger)
     else:
         method.load_state_dict(checkpoint["method"])
@@ -263,7 +288,9 @@ def _restore(path: str | Path) -> tuple[RunConfig, RunDir, Method, Federation, t
 
 
 def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
-    """kNN (+ linear probe) of a finished run's FINAL encoder; written to RUN_DIR/eval.json."""
+    """kNN (+ linear probe) of a finished run's FINAL encoder, beside the random-init encoder of the same
+    architecture (``random_init``, rebuilt from the run's seed) and raw pixels (``pixels``), same protocol;
+    written to RUN_DIR/eval.json."""
     import json
     from dataclasses import replace
 
@@ -272,8 +299,15 @@ def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
     cfg, run, method, fed, device = _restore(path)
     cfg = replace(cfg, eval=replace(cfg.eval, probe=probe))
     result = full_evaluation(method, fed, cfg, device)
+    untrained = build_method(MethodContext(cfg, fed.train.info, device))
+    result.update(baseline_split(baseline_evaluation(untrained, fed, cfg, device)))
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2, sort_keys=True))
     return result
+
+
+def baseline_split(initial: dict[str, Any]) -> dict[str, Any]:
+    """``baseline_evaluation``'s dict as ``{"random_init": {...}, "pixels": {...}}``."""
+    return {"random_init": {k: v for k, v in initial.items() if k != "pixels"}, "pixels": initial["pixels"]}
 
 
 def finetune_run(path: str | Path, *, epochs: int | None = None, lr: float | None = None) -> dict[str, Any]:

@@ -106,6 +106,12 @@ class Method(ABC):
     def encoder(self) -> Encoder:
         """The current global encoder (what is evaluated and exported)."""
 
+    def initial_encoder(self) -> Encoder:
+        """Before the first round: the random-init encoder of the FINAL architecture (the baseline every
+        result stands beside). A method whose ``encoder()`` grows over the run (stage-wise) returns the
+        full-depth network here."""
+        return self.encoder()
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything the server must keep to resume (checkpoint content)."""
@@ -183,14 +189,15 @@ def build_backbone(ctx: MethodContext) -> Encoder:
     if m.arch == "vit":
         arch_kwargs = dict(width=m.width, patch_size=m.patch_size, depth=m.depth, heads=m.heads)
     else:
-        arch_kwargs = dict(width=m.width, blocks_per_stage=m.blocks_per_stage, norm=m.norm, stem=m.stem)
+        arch_kwargs = dict(width=m.width, blocks_per_stage=m.blocks_per_stage, norm=m.norm, stem=m.stem,
+                           group_channels=m.group_channels)
     return build_encoder(m.arch, in_channels=ctx.info.channels, image_size=ctx.image_size, **arch_kwargs)
 
 
 def build_augment(ctx: MethodContext) -> TwoViewAugment:
     info = ctx.info
     return TwoViewAugment(ctx.image_size, info.mean, info.std, preset=ctx.cfg.ssl.augment,
-                          channels=info.channels).to(ctx.device)
+                          channels=info.channels, blur=ctx.cfg.ssl.blur).to(ctx.device)
 
 
 def seed_client(cfg: RunConfig, round_index: int, client_id: int) -> torch.Generator:

@@ -235,6 +235,10 @@ class StagedFedSSL(FedAvgSSL):
         """The layers built so far (the whole backbone once the last stage has begun)."""
         return encoder_at(self.global_model.encoder.backbone, self.stage.depth)
 
+    def initial_encoder(self) -> Encoder:
+        """The final architecture (every stage's layers), not the first stage's truncated network."""
+        return encoder_at(self.global_model.encoder.backbone, self.schedule.last().depth)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "round": self.rounds_entered, "versions": self.versions.state_dict()}
 

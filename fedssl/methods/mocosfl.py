@@ -62,7 +62,7 @@ from fedssl.models.momentum import deactivate_requires_grad, ema_update
 from fedssl.models.ssl import NegativeQueue
 from fedssl.models.stacked import (Stack, batched_forward, broadcast_, gather, scatter_, stack_mean, stack_module,
                                    stacked_ema_, stacked_sgd_step_, to_stacked, unstack, zeros_like_stack)
-from fedssl.resources import DOWNLOAD, SERVER_STEP_COST, UPLOAD, Ledger, StepCost, measure_step, payload_bytes, tensor_bytes
+from fedssl.resources import DOWNLOAD, SERVER_ID, SERVER_STEP_COST, UPLOAD, Ledger, StepCost, measure_step, payload_bytes, tensor_bytes
 from fedssl.training import derive_seed, make_optimizer, round_lr
 
 AUTO_SERVER_BATCH = 100  # auto_adjust: images per server step the reference scripts aim at
@@ -448,7 +448,7 @@ class MocoSFL(SplitMethod):
             cost = measure_step(lambda: probe.step(query, key, clients, self.cfg.lr), modules=modules,
                                 optimizer=probe.optimizer, images=int(query.shape[0] * query.shape[1]),
                                 device=self.ctx.device)
-        ledger.record(round=0, client=-1, kind=SERVER_STEP_COST, **cost.as_dict())
+        ledger.record(round=0, client=SERVER_ID, kind=SERVER_STEP_COST, **cost.as_dict())
 
     def measure_client_step(self, data: ImageData) -> StepCost:
         """One real step of ONE client (copies of client 0's nets): augment, online + momentum forward,

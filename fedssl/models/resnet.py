@@ -53,11 +53,16 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 2) -> int:
+def group_norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 2, group_channels: int = 0) -> int:
     """Largest divisor of ``channels`` that is <= ``max_groups`` and leaves >= ``min_group_size`` channels per group.
 
     64..512 channels -> 32 groups (the usual GN setting); 16 -> 8; 32 -> 16; odd sizes fall back to fewer groups.
+    ``group_channels`` > 0: about that many channels per group instead (the largest divisor of ``channels``
+    that leaves at least ``group_channels`` in each group; 1 group where ``channels`` is smaller).
     """
+    if group_channels > 0:
+        return max((g for g in range(1, channels + 1) if channels % g == 0 and channels // g >= group_channels),
+                   default=1)
     candidates = [g for g in range(1, min(max_groups, channels) + 1)
                   if channels % g == 0 and channels // g >= min_group_size]
     return max(candidates, default=1)
@@ -68,11 +73,11 @@ def _check_norm(norm: str) -> None:
         raise ConfigError(f"unknown norm {norm!r}: choose one of {list(NORMS)}.")
 
 
-def make_norm2d(norm: str, channels: int) -> nn.Module:
-    """GroupNorm (``"group"``) or BatchNorm2d (``"batch"``) over ``channels``."""
+def make_norm2d(norm: str, channels: int, group_channels: int = 0) -> nn.Module:
+    """GroupNorm (``"group"``, groups from ``group_norm_groups``) or BatchNorm2d (``"batch"``) over ``channels``."""
     _check_norm(norm)
     if norm == "group":
-        return nn.GroupNorm(group_norm_groups(channels), channels)
+        return nn.GroupNorm(group_norm_groups(channels, group_channels=group_channels), channels)
     return nn.BatchNorm2d(channels)
 
 
@@ -86,13 +91,15 @@ def make_conv2d(norm: str, c_in: int, c_out: int, kernel_size: int, stride: int 
 class Stem(nn.Sequential):
     """conv -> norm -> ReLU (-> max-pool for the ImageNet stem): (N, C_in, H, W) -> (N, width, H/s, W/s)."""
 
-    def __init__(self, in_channels: int, width: int, stem: str = "cifar", norm: str = "group") -> None:
+    def __init__(self, in_channels: int, width: int, stem: str = "cifar", norm: str = "group",
+                 group_channels: int = 0) -> None:
         if stem not in STEMS:
             raise ConfigError(f"unknown stem {stem!r}: choose one of {list(STEMS)}.")
         if stem == "cifar":  # s = 1
-            super().__init__(make_conv2d(norm, in_channels, width, 3), make_norm2d(norm, width), nn.ReLU(inplace=True))
+            super().__init__(make_conv2d(norm, in_channels, width, 3), make_norm2d(norm, width, group_channels),
+                             nn.ReLU(inplace=True))
         else:  # s = 4
-            super().__init__(make_conv2d(norm, in_channels, width, 7, stride=2), make_norm2d(norm, width),
+            super().__init__(make_conv2d(norm, in_channels, width, 7, stride=2), make_norm2d(norm, width, group_channels),
                              nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,15 +109,16 @@ class Stem(nn.Sequential):
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual: (N, C_in, H, W) -> (N, C_out, H/stride, W/stride)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: str = "group") -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: str = "group", group_channels: int = 0) -> None:
         super().__init__()
         self.conv1 = make_conv2d(norm, c_in, c_out, 3, stride)
-        self.norm1 = make_norm2d(norm, c_out)
+        self.norm1 = make_norm2d(norm, c_out, group_channels)
         self.conv2 = make_conv2d(norm, c_out, c_out, 3)
-        self.norm2 = make_norm2d(norm, c_out)
+        self.norm2 = make_norm2d(norm, c_out, group_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(make_conv2d(norm, c_in, c_out, 1, stride), make_norm2d(norm, c_out))
+            self.shortcut = nn.Sequential(make_conv2d(norm, c_in, c_out, 1, stride),
+                                          make_norm2d(norm, c_out, group_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.norm1(self.conv1(x)))  # (N, C_out, H', W')
@@ -154,12 +162,12 @@ class ResNet(Encoder):
 
     def __init__(self, *, in_channels: int = 3, width: int = 64,
                  blocks_per_stage: Sequence[int] = (2, 2, 2, 2), stem: str = "cifar",
-                 norm: str = "group") -> None:
+                 norm: str = "group", group_channels: int = 0) -> None:
         _check_resnet_args(in_channels, width, blocks_per_stage)
         _check_norm(norm)
         specs = block_specs(width, blocks_per_stage)
-        layers: list[nn.Module] = [Stem(in_channels, width, stem, norm)]
-        layers += [BasicBlock(s.c_in, s.c_out, s.stride, norm) for s in specs]
+        layers: list[nn.Module] = [Stem(in_channels, width, stem, norm, group_channels)]
+        layers += [BasicBlock(s.c_in, s.c_out, s.stride, norm, group_channels) for s in specs]
         dims = [width] + [s.c_out for s in specs]
         super().__init__(layers, dims, feature_dim=dims[-1])
         self.norm_kind = norm
