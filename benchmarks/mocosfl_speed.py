@@ -70,7 +70,7 @@ def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) 
 
     cfg, n, batch = method.cfg, method.num_clients, method.split.client_batch
     device = method.ctx.device
-    online = [copy.deepcopy(method.client_net) for _ in range(n)]
+    online = [copy.deepcopy(method.server.client_nets(momentum=False)["online"]) for _ in range(n)]
     momentum = [copy.deepcopy(net) for net in online]
     for net in momentum:
         deactivate_requires_grad(net)
@@ -85,14 +85,14 @@ def reference_loop(method: Any, fed: Any, steps: int, totals: dict[str, float]) 
         for i in range(n):
             rows = torch.arange(s * batch, (s + 1) * batch) % len(images[i])
             augment_start = _clock(device)
-            view1, view2 = method.augment(images[i][rows].to(device))  # each client augments its own images
+            view1, view2 = method.clients.augment(images[i][rows].to(device))  # each client augments its own images
             totals["augment"] += _clock(device) - augment_start
             queries.append(online[i](view1))
             with torch.no_grad():
                 keys.append(momentum[i](view2))
         totals["client"] += _clock(device) - start
         start = _clock(device)
-        result = method.server_step(torch.stack([q.detach() for q in queries]), torch.stack(keys), clients, cfg.lr)
+        result = method.server.step(torch.stack([q.detach() for q in queries]), torch.stack(keys), clients, cfg.lr)
         totals["server"] += _clock(device) - start
         start = _clock(device)
         for i in range(n):
@@ -151,6 +151,7 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     from fedssl.engines.local import SilentObserver, load_federation, run_round
     from fedssl.methods import METHODS, build_method
     from fedssl.methods.base import MethodContext
+    from fedssl.methods.split import SplitMethod
     from fedssl.resources import Ledger
 
     torch.set_num_threads(threads)
@@ -167,13 +168,14 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
         return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
                 "client_s_per_step": totals["client"] / steps, "server_s_per_step": totals["server"] / steps,
                 "augment_s_per_step": totals["augment"] / steps, **peak_memory(device)}
-    if cfg.method == "mocosfl":
-        method.client_forward = _timed(method.client_forward, totals, "client", device)
-        method.client_update = _timed(method.client_update, totals, "client", device)
+    split = isinstance(method, SplitMethod)
+    if split:
+        method.clients.forward = _timed(method.clients.forward, totals, "client", device)
+        method.clients.backward = _timed(method.clients.backward, totals, "client", device)
         method.server_step = _timed(method.server_step, totals, "server", device)
     # warm-up: one step (oneDNN builds its kernels for each new shape); rounds 1 and 2 because round 0
     # would also measure the server step under the profiler
-    if cfg.method == "mocosfl":
+    if split:
         method.split = replace(method.split, sync_every=1)
         run_round(method, fed, cfg, 1, Ledger(rows=[]), SilentObserver())
         method.split = replace(method.split, sync_every=steps)

@@ -9,6 +9,7 @@ Layout::
     RUN_DIR/final.json           evaluation of the FINAL encoder
     RUN_DIR/report.md, plots/    the human-readable report
     RUN_DIR/figures/             the method's own figures (FedMAE: reconstructions at each stage's end)
+    RUN_DIR/engine.json          the engine that made it (absent = in-process; written by the Flower engine)
 
 Every file is written atomically; a failed run never overwrites another run's files.
 """
@@ -30,6 +31,7 @@ from fedssl.io import atomic_torch_save, atomic_write_text
 from fedssl.resources import Ledger
 
 CHECKPOINT_FORMAT = 1
+ENGINE_FILE = "engine.json"
 
 
 @dataclass(frozen=True)
@@ -143,3 +145,9 @@ def load_checkpoint(run: RunDir, cfg: RunConfig) -> dict[str, Any] | None:
         raise CheckpointError(f"checkpoint {run.checkpoint} belongs to another config than {run.config}; "
                               "restore the original config.toml or start a new run with --out")
     return state
+
+
+def read_engine(path: str | Path) -> dict[str, str]:
+    """The engine that made a run directory: {"engine": "local"} or {"engine": "flower", "runtime": ...}."""
+    file = Path(path) / ENGINE_FILE
+    return json.loads(file.read_text()) if file.is_file() else {"engine": "local"}

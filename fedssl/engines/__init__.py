@@ -7,20 +7,14 @@ run --resume RUN_DIR`` continues a run where it ran.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from fedssl.engines.observer import SilentObserver
 from fedssl.errors import FedSSLError
+from fedssl.run_dir import ENGINE_FILE, read_engine  # noqa: F401 (re-exported)
 
 ENGINES = ("local", "flower")
-ENGINE_FILE = "engine.json"
-
-
-def read_engine(path: str | Path) -> dict[str, str]:
-    """The engine that made a run directory: {"engine": "local"} or {"engine": "flower", "runtime": ...}."""
-    file = Path(path) / ENGINE_FILE
-    return json.loads(file.read_text()) if file.is_file() else {"engine": "local"}
 
 
 def start(cfg: Any, path: str | Path, *, engine: str = "local", observer: Any = None) -> Any:
@@ -29,7 +23,6 @@ def start(cfg: Any, path: str | Path, *, engine: str = "local", observer: Any = 
         raise FedSSLError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "flower":
         from fedssl.engines.flower.runs import start_simulation
-        from fedssl.engines.local import SilentObserver
 
         return start_simulation(cfg, path, observer=observer or SilentObserver())
     from fedssl.engines.local import start_run
@@ -48,6 +41,5 @@ def resume(path: str | Path, *, observer: Any = None) -> Any:
         raise FedSSLError(f"{path} ran on a Flower deployment; continue it there: "
                           f"flwr run . <federation> --run-config 'resume=\"{Path(path).resolve()}\"'")
     from fedssl.engines.flower.runs import resume_simulation
-    from fedssl.engines.local import SilentObserver
 
     return resume_simulation(path, observer=observer or SilentObserver())

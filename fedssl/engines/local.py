@@ -4,103 +4,34 @@ Per round: sample clients (seeded by round), send each the server's payload,
 run its local training, collect the uploads, aggregate, evaluate (kNN monitor),
 checkpoint atomically. The same seed gives the same metrics twice, and a run
 resumed from its last checkpoint ends exactly like an uninterrupted one.
+The run loop is ``fedssl.engines.loop`` (shared with the Flower engine); a round is
+``fedssl.engines.rounds.federated_round`` or ``fedssl.engines.steps.split_round``
+over this process's exchange.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 
 from fedssl.config import RunConfig
 from fedssl.data.augment import EvalTransform
-from fedssl.data.datasets import ImageData, load_split
-from fedssl.data.partition import class_histogram, hold_out, partition
 from fedssl.errors import FedSSLError
 from fedssl.evaluation import PixelEncoder, evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
-from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
-from fedssl.resources import REFERENCE_STEP_COST, Ledger
-from fedssl.report import finish_run
-from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
-                             write_jsonl)
+from fedssl.methods.base import FederatedMethod, Method, MethodContext
+from fedssl.methods.split import SplitMethod
+from fedssl.resources import Ledger
+from fedssl.run_dir import RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir
+from fedssl.engines.federation import Federation, load_federation, resolve_device  # noqa: F401 (re-exported)
+from fedssl.engines.loop import Scoring, execute, torch_threads  # noqa: F401 (re-exported)
+from fedssl.engines.observer import Observer, SilentObserver  # noqa: F401 (re-exported)
 from fedssl.engines.rounds import (federated_round, local_exchange, returns_update,  # noqa: F401 (re-exported)
                                   sample_clients)
-
-
-class Observer(Protocol):
-    """What a user interface sees of a run (the CLI draws progress bars from it)."""
-
-    def round_started(self, round_index: int, num_clients: int) -> None: ...
-    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None: ...
-    def round_done(self, row: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-class SilentObserver:
-    def round_started(self, round_index: int, num_clients: int) -> None: ...
-    def client_done(self, round_index: int, client_id: int, metrics: dict[str, float]) -> None: ...
-    def round_done(self, row: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-@dataclass
-class Federation:
-    """The data as the run sees it: pooled train/test splits and the clients' index sets."""
-
-    train: ImageData  # the training split less the validation split: the clients' pool and the kNN / probe bank
-    test: ImageData
-    client_indices: list[np.ndarray]
-    server_indices: np.ndarray | None = None  # the server's auxiliary share (Method.aux_fraction), never a client's
-    val: ImageData | None = None  # eval.val_fraction of the training split, held out before partitioning
-
-    @property
-    def monitor(self) -> ImageData:
-        """What the kNN monitor scores: the validation split where there is one, else the test split."""
-        return self.test if self.val is None else self.val
-
-    def client_data(self, client_id: int) -> ImageData:
-        return self.train.subset(self.client_indices[client_id])
-
-    def server_data(self) -> ImageData | None:
-        return None if self.server_indices is None else self.train.subset(self.server_indices)
-
-    def histogram(self) -> np.ndarray:  # (clients, classes)
-        return class_histogram(self.train.labels.numpy(), self.client_indices, self.train.info.num_classes)
-
-
-def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
-    """Load both splits and partition the training split over the clients (one part if pooled)."""
-    kwargs = dict(data_dir=cfg.data_dir or None, image_size=cfg.image_size or None, download=cfg.download,
-                  seed=cfg.seed)
-    train = load_split(cfg.dataset, "train", **kwargs)
-    test = load_split(cfg.dataset, "test", **kwargs)
-    val = None
-    if cfg.eval.val_fraction > 0:
-        val_ix, rest = hold_out(len(train), cfg.eval.val_fraction, cfg.seed, salt=0x7A1)
-        train, val = train.subset(rest), train.subset(val_ix)
-    server, pool = None, np.arange(len(train), dtype=np.int64)
-    fraction = METHODS[cfg.method].aux_fraction(cfg)
-    if fraction > 0 and not pooled:
-        server, pool = hold_out(len(train), fraction, cfg.seed)  # removed BEFORE partitioning
-    if pooled:
-        parts = [pool]
-    else:
-        parts = [pool[p] for p in partition(train.labels.numpy()[pool], cfg.clients, cfg.partition, alpha=cfg.alpha,
-                                            classes_per_client=cfg.classes_per_client,
-                                            shards_per_client=cfg.shards_per_client, seed=cfg.seed)]
-    return Federation(train, test, parts, server, val)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
-    return torch.device(name)
+from fedssl.engines.steps import LocalSplitExchange, split_round
 
 
 def eval_transform(fed: Federation, device: torch.device) -> EvalTransform:
@@ -146,25 +77,16 @@ def baseline_evaluation(method: Method, fed: Federation, cfg: RunConfig, device:
 
 def run_round(method: Method, fed: Federation, cfg: RunConfig, round_index: int, ledger: Ledger,
               observer: Observer) -> dict[str, Any]:
-    """One round in this process: download, local training, upload, aggregation; returns its metrics row."""
+    """One round in this process over the clients simulated here; returns its metrics row."""
+    num_clients = len(fed.client_indices)
     if isinstance(method, SplitMethod):
-        observer.round_started(round_index, 1)
-        row = method.train_round(round_index, fed.client_data, len(fed.client_indices), ledger)
-        observer.client_done(round_index, -1, row)
-        return {"round": round_index + 1, **row}
+        if num_clients != method.num_clients:
+            raise FedSSLError(f"the run has {num_clients} clients but {method.name} was built for {method.num_clients}")
+        return split_round(method, cfg, round_index, LocalSplitExchange(method.clients, fed.client_data), ledger,
+                           observer)
     assert isinstance(method, FederatedMethod)
-    return federated_round(method, cfg, round_index, len(fed.client_indices), local_exchange(method, fed.client_data),
-                           ledger, observer)
-
-
-class RoundRunner(Protocol):
-    """How an engine runs the rounds of ``_execute``: in this process, or over Flower's Grid."""
-
-    def begin(self, method: Method) -> None:
-        """Before the first round this engine runs (a new run, or a resumed one)."""
-
-    def run_round(self, method: Method, round_index: int, ledger: Ledger, observer: Observer) -> dict[str, Any]:
-        """One round on the clients; its metrics row."""
+    return federated_round(method, cfg, round_index, num_clients, local_exchange(method, fed.client_data), ledger,
+                           observer)
 
 
 @dataclass
@@ -174,10 +96,13 @@ class LocalRunner:
     fed: Federation
     cfg: RunConfig
 
-    def begin(self, method: Method) -> None: ...
+    def begin(self, method: Method, resumed: bool) -> None: ...
 
     def run_round(self, method: Method, round_index: int, ledger: Ledger, observer: Observer) -> dict[str, Any]:
         return run_round(method, self.fed, self.cfg, round_index, ledger, observer)
+
+
+SCORING = Scoring(baseline=baseline_evaluation, monitor=knn_monitor, final=full_evaluation)
 
 
 def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
@@ -196,79 +121,9 @@ def resume_run(path: str | Path, *, observer: Observer | None = None) -> RunOutc
     return _execute(cfg, run, fed, device, observer or SilentObserver())
 
 
-def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer,
-             runner: RoundRunner | None = None) -> RunOutcome:
-    """Run the experiment from its last checkpoint to the end and evaluate the final encoder.
-
-    ``runner`` runs the rounds (default: in this process); everything else (evaluation, checkpoints,
-    the run directory, the report) is the same for every engine.
-    """
-    with torch_threads(cfg.threads):
-        return _execute_rounds(cfg, run, fed, device, observer, runner or LocalRunner(fed, cfg))
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` (0 = leave it) for the enclosed code, then restored, so
-    that a run started in-process (tests, comparisons, reliability checks) leaves its caller's setting alone."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer,
-                    runner: RoundRunner) -> RunOutcome:
-    method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
-    checkpoint = load_checkpoint(run, cfg)
-    if checkpoint is None:
-        first_round, metrics, ledger = 0, [], Ledger(rows=[])
-        observer.message("evaluating the random-init encoder and raw pixels (kNN + linear probe) ...")
-        initial = baseline_evaluation(method, fed, cfg, device)
-        measure_client_costs(method, fed, ledger)
-    else:
-        method.load_state_dict(checkpoint["method"])
-        first_round, metrics, initial = checkpoint["round"], checkpoint["metrics"], checkpoint["initial"]
-        ledger = Ledger(rows=[])
-        ledger.load_state_dict(checkpoint["ledger"])
-        observer.message(f"resuming {run.path} after round {first_round}/{cfg.rounds}")
-    runner.begin(method)
-    for r in range(first_round, cfg.rounds):
-        row = runner.run_round(method, r, ledger, observer)
-        method.write_round_figures(r, run.figures, fed.test)
-        last = r + 1 == cfg.rounds
-        if (cfg.eval.every and (r + 1) % cfg.eval.every == 0) or last:
-            row["knn_acc"] = knn_monitor(method, fed, cfg, device)
-        metrics.append(row)
-        observer.round_done(row)
-        if (r + 1) % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(run, cfg, {"round": r + 1, "method": method.state_dict(), "metrics": metrics,
-                                       "initial": initial, "ledger": ledger.state_dict()})
-            write_jsonl(run.metrics, metrics)
-            ledger.to_jsonl(run.ledger)
-    observer.message("evaluating the final encoder (kNN + linear probe) ...")
-    final = full_evaluation(method, fed, cfg, device)
-    outcome = RunOutcome(run, metrics, initial, final, ledger, fed.histogram())
-    finish_run(outcome, cfg)
-    return outcome
-
-
-def measure_client_costs(method: Method, fed: Federation, ledger: Ledger) -> None:
-    """One real measured step of the largest client, and of the method's reference if it has one."""
-    client = _largest_client(fed)
-    data = fed.client_data(client)
-    ledger.record_step_cost(round=0, client=client, cost=method.measure_client_step(data))
-    reference = method.reference_cost(data)
-    if reference is not None:
-        ledger.record(round=0, client=client, kind=REFERENCE_STEP_COST, payload_bytes=reference.payload_bytes,
-                      **reference.cost.as_dict())
-
-
-def _largest_client(fed: Federation) -> int:
-    return int(np.argmax([len(ix) for ix in fed.client_indices]))
+def _execute(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer) -> RunOutcome:
+    """The shared run loop (``fedssl.engines.loop.execute``) with this process's rounds and scoring."""
+    return execute(cfg, run, fed, device, observer, LocalRunner(fed, cfg), SCORING)
 
 
 def _restore(path: str | Path) -> tuple[RunConfig, RunDir, Method, Federation, torch.device]:

@@ -17,25 +17,20 @@ reply comes back. The in-process engine calls ``client_update`` directly
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fedssl.aggregation import check_upload
 from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
+from fedssl.engines.observer import Observer, note
 from fedssl.methods.base import ClientResult, FederatedMethod, Payload
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
 from fedssl.training import derive_seed
-
-if TYPE_CHECKING:
-    from fedssl.engines.local import Observer
-
-log = logging.getLogger("fedssl")
 
 
 def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
@@ -165,8 +160,3 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
         row.update(wire_up=counts["wire_up"], wire_down=counts["wire_down"])
     return row
 
-
-def note(observer: Observer, text: str) -> None:
-    """A fault worth a line: to the user (observer) and to the run's log (the Flower engine keeps one)."""
-    log.info(text)
-    observer.message(text)

@@ -23,7 +23,7 @@ from fedssl.data.augment import TwoViewAugment
 from fedssl.data.datasets import DatasetInfo, ImageData
 from fedssl.models.encoder import Encoder, build_encoder
 from fedssl.models.ssl import SSLModel, build_ssl_model
-from fedssl.resources import Ledger, StepCost, measure_step
+from fedssl.resources import StepCost, measure_step
 from fedssl.training import Augment, derive_seed, make_optimizer, ssl_step
 
 Payload = dict[str, Tensor]
@@ -123,6 +123,12 @@ class Method(ABC):
     def measure_client_step(self, data: ImageData) -> StepCost:
         """Run one real client training step under measurement (memory, FLOPs), without side effects."""
 
+    def client_lost(self, client_id: int | None) -> None:
+        """Server side: the client's state may be gone (it failed, or None: every client, a new Flower run).
+
+        Whatever the server believed it held must be sent again when it next takes part.
+        """
+
 
 class FederatedMethod(Method):
     """A round-based method: per round, download -> local training -> upload -> aggregate."""
@@ -154,25 +160,6 @@ class FederatedMethod(Method):
         (``fedssl.aggregation.check_upload``).
         """
 
-    def client_lost(self, client_id: int | None) -> None:
-        """Server side: the client's state may be gone (it failed, or None: every client, a new Flower run).
-
-        Whatever the server believed it held must be sent again when it next takes part.
-        """
-
-
-class SplitMethod(Method):
-    """A step-based split-learning method: the server drives every step of every client.
-
-    A round is one synchronisation period; ``train_round`` runs it over the
-    clients' data (``client_data(i)``), records every payload that crosses the
-    wire in the ledger, and returns the round's metrics row (the keys of the
-    engine's round rows: loss, clients, images, seconds, images_per_s, bytes_up, bytes_down).
-    """
-
-    @abstractmethod
-    def train_round(self, round_index: int, client_data: Callable[[int], ImageData], num_clients: int,
-                    ledger: Ledger) -> dict[str, Any]: ...
 
 
 # ------------------------------------------------------------ shared building blocks

@@ -22,10 +22,9 @@ from fedssl.engines.rounds import Reply, federated_round
 from fedssl.methods.base import ClientResult, MethodContext, Payload
 from fedssl.methods.fedavg import FedMoCo
 from fedssl.methods.layerwise import LWFedSSL
-from fedssl.methods.mocosfl import MocoSFL, MocoSFLClient
-from fedssl.models.stacked import gather
+from fedssl.methods.mocosfl import MocoSFL
+from fedssl.methods.split import StepTask
 from fedssl.resources import Ledger, payload_bytes
-from fedssl.training import round_lr
 from tests.helpers import tiny_config
 
 
@@ -127,30 +126,31 @@ def test_a_layerwise_client_keeps_its_frozen_layers_and_never_reads_the_server()
 
 
 def test_mocosfl_device_client_does_the_methods_own_step() -> None:
-    """One step through MocoSFLClient (forward message, then backward message) equals MocoSFL's own update."""
+    """One step of client 1 on its own device (forward message, then backward message, no graph kept between
+    them) equals the same client's step among the stacked clients the in-process engine simulates."""
     cfg = tiny_config("method=mocosfl", "ssl.temperature=0.1", "split.sync_every=2", "split.client_batch=2")
     data = load_split("synthetic", "train", image_size=16, synthetic_size=32)
-    part = data.subset(partition(data.labels.numpy(), cfg.clients, "iid", seed=0)[1])
+    parts = [data.subset(p) for p in partition(data.labels.numpy(), cfg.clients, "iid", seed=0)]
     ctx = MethodContext(cfg, data.info, torch.device("cpu"))
     method = MocoSFL(ctx)
-    client = MocoSFLClient(ctx, part, client_id=1)
-    index = torch.tensor([1])
-    online, momentum = gather(method.client_online, index), gather(method.client_momentum, index)
-    buffers = gather(method.client_sgd, index)
-    query, key = client.forward(online, momentum, 0, 0, 0)
+    method.clients.use_data(parts.__getitem__)
+    client = MocoSFL.build_clients(ctx, [1])
+    client.use_data(lambda _: parts[1])
+    task = StepTask(0, 0, torch.tensor([1]), torch.tensor([0]))
+    query = client.forward(task)["query"]
     assert query.shape[:2] == (1, 2) and not query.requires_grad
-    grad = torch.randn_like(query)
-    new_online = client.backward(online, momentum, buffers, grad, 0, 0, 0)
-    # the same step by the method's own functions, from the same views
-    view1, view2 = client.views(0, 0, 0)
-    ref_online = gather(method.client_online, index, requires_grad=True)
-    ref_momentum, ref_buffers = gather(method.client_momentum, index), gather(method.client_sgd, index)
-    ref_query, ref_key = method.client_forward(ref_online, ref_momentum, view1, view2)
-    assert torch.allclose(ref_query, query) and torch.allclose(ref_key, key)
-    method.client_update(ref_query, grad, ref_online, ref_momentum, ref_buffers, round_lr(cfg, 0))
-    for name in new_online:
-        assert torch.allclose(new_online[name], ref_online[name].detach()), name
-        assert torch.allclose(momentum[name], ref_momentum[name]), name
+    grad = {"query": torch.randn_like(query)}
+    client.backward(StepTask(0, 0, torch.tensor([1]), torch.tensor([0])), grad)  # another task object: recomputed
+    # the same step among every client, all of them in one call
+    every = StepTask(0, 0, torch.arange(cfg.clients), torch.zeros(cfg.clients, dtype=torch.long))
+    ref = method.clients.forward(every)
+    ref_query = ref["query"][1:2]
+    assert torch.allclose(ref_query, query)
+    method.clients.backward(every, {"query": torch.zeros_like(ref["query"]).index_copy(0, torch.tensor([1]),
+                                                                                        grad["query"])})
+    mine = client.upload(torch.tensor([1]))
+    for name, t in method.clients.upload(torch.tensor([1])).items():
+        assert torch.allclose(mine[name], t), name
 
 
 def _context(node_config: dict, state: RecordDict | None = None) -> Context:

@@ -16,10 +16,12 @@ import fedssl.engines.local as engine
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.errors import ConfigError
-from fedssl.engines.local import resume_run, start_run
+from fedssl.engines.local import SilentObserver, resume_run, start_run
+from fedssl.engines.steps import LocalSplitExchange, split_round, step_clients, sync_clients
 from fedssl.losses import info_nce, symmetric_info_nce
 from fedssl.methods.base import MethodContext
 from fedssl.methods.mocosfl import MocoSFL, banked_info_nce, effective_split
+from fedssl.methods.mocosfl_client import forward_at_cut
 from fedssl.models.resnet import ResNet
 from fedssl.models.ssl import MoCoV2, NegativeQueue
 from fedssl.models.stacked import (batched_forward, broadcast_, gather, scatter_, stack_mean, stack_module,
@@ -43,14 +45,21 @@ def build(cfg, image_size: int = 16) -> tuple[MocoSFL, list]:
     return method, [data.subset(p) for p in parts]
 
 
+def train_round(method: MocoSFL, round_index: int, client_data, ledger: Ledger) -> dict:
+    """One round of the clients simulated in this process (the in-process engine's exchange)."""
+    exchange = LocalSplitExchange(method.clients, client_data)
+    return split_round(method, method.cfg, round_index, exchange, ledger, SilentObserver())
+
+
 def _double(method: MocoSFL) -> None:
     """float64 everywhere, for exact comparisons."""
     server = method.server
     for module in (server.encoder, server.projector, server.momentum_encoder, server.momentum_projector, server.queue):
         module.double()
-    for stack in (method.client_online, method.client_momentum, method.client_sgd):
+    clients = method.clients
+    for stack in (clients.online, clients.momentum, clients.sgd):
         for name in stack:
-            stack[name] = stack[name].detach().double().requires_grad_(stack is method.client_online)
+            stack[name] = stack[name].detach().double().requires_grad_(stack is clients.online)
 
 
 # ------------------------------------------------------------------ stacked weights
@@ -126,10 +135,10 @@ def test_split_and_concatenation_give_the_unsplit_gradients() -> None:
     torch.manual_seed(1)
     for step in range(2):
         view1, view2 = (torch.randn(3, 2, 3, 16, 16, dtype=torch.float64) for _ in range(2))
-        online = method.client_online
-        query, key = method.client_forward(online, method.client_momentum, view1, view2)
-        result = method.server_step(query, key, clients, lr=0.0)  # lr 0: the weights stay, the grads remain
-        query.backward(result.grad)
+        online = method.clients.online
+        query, key = forward_at_cut(method.clients.template, online, method.clients.momentum, view1, view2)
+        result = method.server_step({"query": query, "key": key}, clients, lr=0.0)  # lr 0: the weights stay
+        query.backward(result.gradient["query"])
         # the same maths on one network and the concatenated batch
         enc, proj, menc, mproj = unsplit["enc"], unsplit["proj"], unsplit["menc"], unsplit["mproj"]
         enc.zero_grad(), proj.zero_grad()
@@ -168,13 +177,13 @@ def test_batched_clients_equal_the_per_client_loop(queue: str) -> None:
     rows = []
     for method in (batched, loop):
         ledger = Ledger(rows=[])
-        rows.append([method.train_round(r, data.__getitem__, 6, ledger) for r in range(2)])
+        rows.append([train_round(method, r, data.__getitem__, ledger) for r in range(2)])
         assert {r["kind"] for r in ledger.rows} >= {UPLOAD, DOWNLOAD, "server_step_cost"}
     for a, b in zip(*rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["bytes_up"] == b["bytes_up"]
-    for stack in ("client_online", "client_momentum", "client_sgd"):
-        for name, t in getattr(batched, stack).items():
-            torch.testing.assert_close(t, getattr(loop, stack)[name], rtol=1e-4, atol=1e-6)
+    for stack in ("online", "momentum", "sgd"):
+        for name, t in getattr(batched.clients, stack).items():
+            torch.testing.assert_close(t, getattr(loop.clients, stack)[name], rtol=1e-4, atol=1e-6)
     for p, q in zip(batched.server.parameters(), loop.server.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
@@ -184,21 +193,25 @@ def test_batched_clients_equal_the_per_client_loop(queue: str) -> None:
 
 @pytest.mark.parametrize("sync_momentum", [True, False])
 def test_sync_averages_online_and_momentum_nets(sync_momentum: bool) -> None:
-    method, _ = build(sfl_config("clients=4", f"split.sync_momentum={str(sync_momentum).lower()}"))
+    method, data = build(sfl_config("clients=4", f"split.sync_momentum={str(sync_momentum).lower()}"))
+    clients = method.clients
     torch.manual_seed(0)
-    for stack in (method.client_online, method.client_momentum):
+    for stack in (clients.online, clients.momentum):
         for t in stack.values():
             t.detach().add_(torch.randn_like(t))
-    before = {k: v.clone() for k, v in method.client_momentum.items()}
-    online_mean = stack_mean(method.client_online, torch.tensor([0, 2]))
-    momentum_mean = stack_mean(method.client_momentum, torch.tensor([0, 2]))
-    method.sync(torch.tensor([0, 2]))
-    for name, t in method.client_online.items():
+    before = {k: v.clone() for k, v in clients.momentum.items()}
+    online_mean = stack_mean(clients.online, torch.tensor([0, 2]))
+    momentum_mean = stack_mean(clients.momentum, torch.tensor([0, 2]))
+    synced = torch.tensor([0, 2])
+    sync_clients(method, 0, LocalSplitExchange(clients, data.__getitem__), synced)
+    for name, t in clients.online.items():  # the average goes down to the clients whose nets went into it
+        t = t[synced]
         assert torch.allclose(t, online_mean[name].expand_as(t))
     for name, p in nn.Sequential(*method.encoder().layers[:1]).named_parameters():
         assert torch.allclose(p, online_mean[name])  # the global encoder holds the averaged client-net
-    for name, t in method.client_momentum.items():
-        expected = momentum_mean[name].expand_as(t) if sync_momentum else before[name]
+    for name, t in clients.momentum.items():
+        t = t[synced]
+        expected = momentum_mean[name].expand_as(t) if sync_momentum else before[name][synced]
         assert torch.allclose(t, expected)
     assert method.holds_latest.tolist() == [True, False, True, False]
 
@@ -239,7 +252,7 @@ def test_mocov2_state_dict_of_the_old_queue_layout_still_loads() -> None:
 
 def test_per_client_queues_hold_each_clients_own_keys_and_the_loss_matches() -> None:
     method, data = build(sfl_config("clients=3", "split.queue=per_client", "ssl.queue_size=30"))
-    method.train_round(1, data.__getitem__, 3, Ledger(rows=[]))  # round 1: no server-cost measurement
+    train_round(method, 1, data.__getitem__, Ledger(rows=[]))  # round 1: no server-cost measurement
     queue = method.server.queue
     assert queue.keys.shape[:2] == (3, 10) and queue.length.tolist() == [8, 8, 8]  # 2 steps x 2 key sets x 2
     torch.manual_seed(0)
@@ -268,10 +281,10 @@ def test_config_errors_name_the_fix() -> None:
 
 def test_step_sampling_is_seeded_and_never_favours_client_zero() -> None:
     method, _ = build(sfl_config("clients=100", "split.clients_per_step=0.1"))
-    draws = [method._active_clients(torch.Generator().manual_seed(s)) for s in range(50)]
+    draws = [step_clients(method.split, method.num_clients, torch.Generator().manual_seed(s)) for s in range(50)]
     assert all(len(d) == 10 and len(set(d.tolist())) == 10 for d in draws)
     assert sum(0 in d.tolist() for d in draws) < 15  # ~5 expected; the reference bug would give 50
-    assert torch.equal(draws[3], method._active_clients(torch.Generator().manual_seed(3)))
+    assert torch.equal(draws[3], step_clients(method.split, method.num_clients, torch.Generator().manual_seed(3)))
 
 
 def test_a_thousand_clients_of_one_image_train_one_round() -> None:
@@ -280,7 +293,7 @@ def test_a_thousand_clients_of_one_image_train_one_round() -> None:
     parts = partition(data.labels.numpy(), 1000, "shards", seed=0)
     method = MocoSFL(MethodContext(cfg, data.info, torch.device("cpu")))
     ledger = Ledger(rows=[])
-    row = method.train_round(1, lambda i: data.subset(parts[i]), 1000, ledger)  # round 1: no server-cost probe
+    row = train_round(method, 1, lambda i: data.subset(parts[i]), ledger)  # round 1: no server-cost probe
     assert row["clients"] == 1000 and row["images"] == 2000 and np.isfinite(row["loss"])
     uploads = [r for r in ledger.rows if r["kind"] == UPLOAD]
     assert len(uploads) == 1000 and len({r["client"] for r in uploads}) == 1000

@@ -53,20 +53,27 @@ def train(message: Message, context: Context) -> Message:
 
 @app.train("forward")
 def forward(message: Message, context: Context) -> Message:
-    """MocoSFL step, part 1: this client's query and key activations at the cut."""
+    """Split step, part 1: this client's activations at the cut."""
     cfg, setup = _setup(message, context)
     return Message(split.client_forward(cfg, setup, message.content, context), reply_to=message)
 
 
 @app.train("backward")
 def backward(message: Message, context: Context) -> Message:
-    """MocoSFL step, part 2: the server's gradient in; back-propagation, SGD step, momentum EMA."""
+    """Split step, part 2: the server's gradient in; back-propagation and the client-net's update."""
     cfg, setup = _setup(message, context)
     return Message(split.client_backward(cfg, setup, message.content, context), reply_to=message)
 
 
 @app.train("sync")
 def sync(message: Message, context: Context) -> Message:
-    """MocoSFL round end: this client's nets go up to be averaged."""
+    """Split round end: this client's nets go up to be averaged."""
     cfg, setup = _setup(message, context)
     return Message(split.client_sync(cfg, setup, message.content, context), reply_to=message)
+
+
+@app.train("average")
+def average(message: Message, context: Context) -> Message:
+    """Split round end: the average of the synced client-nets comes down."""
+    cfg, setup = _setup(message, context)
+    return Message(split.client_average(cfg, setup, message.content, context), reply_to=message)

@@ -28,6 +28,8 @@ import numpy as np
 
 from fedssl.config import RunConfig
 from fedssl.errors import DataError, FedSSLError
+from fedssl.engines.flower.partitions import (IMAGES_FILE, PARTITION_FILE, check_partition_dir,  # noqa: F401
+                                            digest, partition_key)
 from fedssl.io import atomic_write_bytes, atomic_write_text
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -99,7 +101,6 @@ def make_credentials(out: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS,
 
 def export_partitions(cfg: RunConfig, out: str | Path) -> list[Path]:
     """One folder per client with ONLY its images (as the in-process engine partitions them); their paths."""
-    from fedssl.engines.flower.node import IMAGES_FILE, PARTITION_FILE, digest, partition_key
     from fedssl.engines.flower.server import check_flower_config, num_partitions
     from fedssl.engines.local import load_federation
     from fedssl.methods import METHODS
@@ -120,21 +121,6 @@ def export_partitions(cfg: RunConfig, out: str | Path) -> list[Path]:
         atomic_write_text(folder / PARTITION_FILE, json.dumps(meta, indent=1))
         folders.append(folder)
     return folders
-
-
-def check_partition_dir(data_dir: str | Path, partition_id: int, num_partitions: int) -> dict:
-    """The node's data dir must hold its own partition (``export_partitions``): its metadata, or a clear error."""
-    from fedssl.engines.flower.node import IMAGES_FILE, PARTITION_FILE
-
-    folder = Path(data_dir).expanduser()
-    if not (folder / PARTITION_FILE).is_file() or not (folder / IMAGES_FILE).is_file():
-        raise DataError(f"{folder} holds no client partition ({PARTITION_FILE} + {IMAGES_FILE}); write them with "
-                        f"fedssl deploy partition --out DIR and pass --data-dir DIR/partition-{partition_id}")
-    meta = json.loads((folder / PARTITION_FILE).read_text())
-    if (int(meta["partition-id"]), int(meta["num-partitions"])) != (partition_id, num_partitions):
-        raise DataError(f"{folder} holds partition {meta['partition-id']} of {meta['num-partitions']}, not "
-                        f"{partition_id} of {num_partitions}; pass this node its own folder")
-    return meta
 
 
 # ------------------------------------------------------------------ the processes

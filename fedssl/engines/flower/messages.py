@@ -4,8 +4,8 @@ fedssl payloads (``{name: tensor}``) become ``ArrayRecord`` s and back; the smal
 things that go with them (round, client, the run's config) a ``ConfigRecord``; a
 client's numbers a ``MetricRecord``. Message types (``MessageType``): the
 round-based methods use Flower's ``train``; a node says who it is on
-``query.hello``; MocoSFL's per-step exchange uses custom actions ``train.forward``,
-``train.backward`` and ``train.sync``.
+``query.hello``; the per-step exchange of split methods uses custom actions ``train.forward``,
+``train.backward``, ``train.sync`` and ``train.average``.
 
 Wire size: Flower (1.41) serialises a message as a tree of content-addressed
 objects (Message -> RecordDict -> records -> Array -> ArrayChunk) and pushes each
@@ -29,9 +29,10 @@ from fedssl.methods.base import Payload
 # message types (``<category>.<action>``, see flwr.app.metadata.validate_message_type)
 HELLO = "query.hello"  # server -> node: who are you (partition, data); also hands over the run's config
 TRAIN = "train"  # a round of a round-based method: download -> local training -> upload
-FORWARD = "train.forward"  # MocoSFL step, part 1: the client's activations at the cut go up
-BACKWARD = "train.backward"  # MocoSFL step, part 2: the gradient slice comes down; the client updates
-SYNC = "train.sync"  # MocoSFL round end: the client-nets go up to be averaged
+FORWARD = "train.forward"  # split step, part 1: the client's activations at the cut go up
+BACKWARD = "train.backward"  # split step, part 2: the gradient slice comes down; the client updates
+SYNC = "train.sync"  # split round end: the client-nets go up to be averaged
+AVERAGE = "train.average"  # split round end: their average comes down to the clients whose nets went into it
 
 # record names inside a message's RecordDict
 TASK = "task"  # ConfigRecord: round, client, step ..., config-hash (+ config, the first time a node is addressed)

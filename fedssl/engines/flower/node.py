@@ -20,28 +20,23 @@ Node config (``flower-supernode --node-config``; set by Flower itself in simulat
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import tomllib
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 
 from fedssl.config import RunConfig, config_hash, make_config
 from fedssl.data.datasets import DatasetInfo, ImageData
-from fedssl.errors import DataError, FedSSLError
+from fedssl.engines.federation import Federation, load_federation, resolve_device
+from fedssl.engines.flower.messages import TASK, from_record, to_record
+from fedssl.engines.flower.partitions import digest, partition_key, read_partition  # noqa: F401 (digest: re-exported)
+from fedssl.errors import FedSSLError
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import Method, MethodContext, Payload
-from fedssl.engines.flower.messages import TASK, from_record, to_record
 
 CONFIG_STATE = "fedssl.config"  # context.state: the run's config (toml + hash), cached after its first message
 HELD_STATE = "fedssl.held"  # context.state: what a round-based client keeps (ClientResult.held)
-PARTITION_FILE = "partition.json"
-IMAGES_FILE = "images.npy"
 FAULTS = ("", "nan", "shape")
 
 
@@ -114,19 +109,6 @@ def node_run_config(cfg: RunConfig, setup: NodeSetup) -> RunConfig:
 # ------------------------------------------------------------------ the node's data
 
 
-def partition_key(cfg: RunConfig) -> str:
-    """What decides which images a client holds: a partition written for one key serves only runs with it."""
-    keep = {"dataset": cfg.dataset, "image_size": cfg.image_size, "seed": cfg.seed, "clients": cfg.clients,
-            "partition": cfg.partition, "alpha": cfg.alpha, "classes_per_client": cfg.classes_per_client,
-            "shards_per_client": cfg.shards_per_client, "held_out": METHODS[cfg.method].aux_fraction(cfg)}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def digest(images: torch.Tensor) -> str:
-    """A short fingerprint of a client's images (which partition a node really read)."""
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def client_data(cfg: RunConfig, setup: NodeSetup) -> ImageData:
     """The node's own images: its data dir (deployment), or its part of the dataset (simulation)."""
     if setup.num_partitions != _num_partitions(cfg):
@@ -134,7 +116,7 @@ def client_data(cfg: RunConfig, setup: NodeSetup) -> ImageData:
                           f"{_num_partitions(cfg)} clients; restart the SuperNodes with "
                           f"--num-partitions {_num_partitions(cfg)}")
     if setup.data_dir:
-        return _read_partition(setup.data_dir, setup.partition_id, setup.num_partitions, partition_key(cfg))
+        return read_partition(setup.data_dir, setup.partition_id, setup.num_partitions, partition_key(cfg))
     return _simulated_partition(cfg, setup.partition_id)
 
 
@@ -142,24 +124,8 @@ def _num_partitions(cfg: RunConfig) -> int:
     return 1 if METHODS[cfg.method].pooled_data else cfg.clients
 
 
-@functools.lru_cache(maxsize=2)
-def _read_partition(data_dir: str, partition_id: int, num_partitions: int, key: str) -> ImageData:
-    from fedssl.engines.flower.deploy import check_partition_dir
-
-    meta = check_partition_dir(data_dir, partition_id, num_partitions)
-    if meta["key"] != key:
-        raise DataError(f"data dir {data_dir} was written for another partitioning (dataset, clients, partition or "
-                        "seed differ); re-export it with fedssl deploy partition and this run's config")
-    images = torch.from_numpy(np.load(Path(data_dir).expanduser() / IMAGES_FILE, allow_pickle=False))  # (N, C, H, W)
-    info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["info"].items()})
-    labels = torch.full((images.shape[0],), -1, dtype=torch.int64)  # clients hold no labels
-    return ImageData(images, labels, info)
-
-
 @functools.lru_cache(maxsize=1)
-def _federation(cfg: RunConfig) -> Any:
-    from fedssl.engines.local import load_federation
-
+def _federation(cfg: RunConfig) -> Federation:
     return load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
 
 
@@ -177,8 +143,6 @@ def client_method(cfg: RunConfig, info: DatasetInfo) -> Method:
 
 @functools.lru_cache(maxsize=1)
 def _method(cfg: RunConfig, info: DatasetInfo) -> Method:
-    from fedssl.engines.local import resolve_device
-
     return build_method(MethodContext(cfg, info, resolve_device(cfg.device)))
 
 

@@ -1,6 +1,6 @@
 """Runs on Flower: in its simulation runtime (``fedssl run --engine flower``) or a deployment (``flwr run .``).
 
-Both drive the very loop of the in-process engine (``fedssl.engines.local._execute``:
+Both drive the run loop of the in-process engine (``fedssl.engines.loop.execute``:
 evaluation, checkpoints, the run directory, the report) with a
 :class:`~fedssl.engines.flower.server.FlowerRunner`, so a Flower run's folder is an
 ordinary run directory (``fedssl eval / export / report`` read it) plus:
@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from fedssl.config import RunConfig, load_toml, make_config
-from fedssl.engines import ENGINE_FILE
+from fedssl.engines.federation import Federation, load_federation, resolve_device
 from fedssl.engines.flower.server import FlowerRunner, check_flower_config, num_partitions
-from fedssl.engines.local import Federation, Observer, _execute, load_federation, resolve_device
+from fedssl.engines.local import SCORING
+from fedssl.engines.loop import execute
+from fedssl.engines.observer import Observer
 from fedssl.errors import ConfigError, FedSSLError
 from fedssl.io import atomic_write_text
 from fedssl.methods import METHODS
-from fedssl.run_dir import RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, open_run_dir
+from fedssl.run_dir import ENGINE_FILE, RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, open_run_dir
 
 LOG_FILE = "flower.log"
 APP_ROOT = Path(__file__).resolve().parents[3]  # the Flower app's folder (pyproject.toml, configs/)
@@ -74,7 +76,7 @@ def execute_on_grid(grid: Any, cfg: RunConfig, run: RunDir, observer: Observer,
     """
     device = resolve_device(cfg.device)
     fed = fed or load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
-    return _execute(cfg, run, fed, device, observer, runner=FlowerRunner(grid, cfg, observer))
+    return execute(cfg, run, fed, device, observer, FlowerRunner(grid, cfg, observer), SCORING)
 
 
 # ------------------------------------------------------------------ simulation (fedssl run --engine flower)

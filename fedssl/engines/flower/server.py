@@ -1,60 +1,32 @@
-"""The server's side of the Flower engine: nodes, messages out, replies in, the rounds.
+"""The server's side of the Flower engine: which runs it takes, and its rounds over the Grid.
 
-:class:`Link` knows which node holds which client (each node says so on
-``query.hello``), sends messages through the Grid and pulls their replies until a
-timeout; a node that does not answer in time, or whose ClientApp raised, is a
-*failed* client of that exchange, never a stopped run. :class:`FlowerRunner` plugs
-into the shared loop of ``fedssl.engines.local._execute``: the round logic is the
-in-process engine's (``fedssl.engines.rounds.federated_round``) with the exchange
-done by messages; MocoSFL's per-step exchange is ``fedssl.engines.flower.split``.
+:class:`FlowerRunner` plugs into the shared run loop (``fedssl.engines.loop.execute``): a round is
+the in-process engine's (``fedssl.engines.rounds.federated_round`` for round-based methods,
+``fedssl.engines.steps.split_round`` for split methods) with the exchange done by messages
+(:func:`round_exchange` here, ``fedssl.engines.flower.split.FlowerSplitExchange``) through the
+:class:`~fedssl.engines.flower.link.Link`.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedssl.config import RunConfig, config_hash, dumps_toml, to_dict
-from fedssl.engines.flower.messages import (HELLO, NODE, PAYLOAD, RESULT, TRAIN, UPLOAD, content, from_record, to_record,
-                                           wire_bytes)
-from fedssl.engines.local import Observer
+from fedssl.config import RunConfig
+from fedssl.engines.flower.link import Link, Request
+from fedssl.engines.flower.messages import PAYLOAD, RESULT, TRAIN, UPLOAD, from_record, to_record
+from fedssl.engines.flower.split import FlowerSplitExchange
+from fedssl.engines.observer import Observer
 from fedssl.engines.rounds import Exchange, Reply, federated_round
+from fedssl.engines.steps import split_round
 from fedssl.errors import FedSSLError
 from fedssl.methods import METHODS
-from fedssl.methods.base import ClientResult, FederatedMethod, Method, Payload, SplitMethod
+from fedssl.methods.base import ClientResult, FederatedMethod, Method, Payload
+from fedssl.methods.split import SplitMethod
 from fedssl.resources import Ledger
-
-log = logging.getLogger("fedssl")
-POLL_SECONDS = 0.02  # between two pulls of the replies (the simulation runtime itself polls every 0.1 s)
-TTL_MARGIN_SECONDS = 60.0  # a message lives this much longer than its exchange waits for it
-
-
-@dataclass
-class Request:
-    """One message to send: to ``client``'s node, of ``message_type``, with task fields and records."""
-
-    client: int
-    message_type: str
-    task: dict[str, Any]
-    records: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Response:
-    """What came of one request: the reply (None: nothing usable), why not, the bytes both ways."""
-
-    client: int
-    reply: Message | None
-    failure: str = ""
-    wire_down: int = 0
-    wire_up: int = 0
 
 
 def num_partitions(cfg: RunConfig) -> int:
@@ -67,137 +39,6 @@ def check_flower_config(cfg: RunConfig) -> None:
     if METHODS[cfg.method].pooled_data:
         raise FedSSLError(f"{cfg.method} is the single-machine ceiling (one participant holds all data, nothing is "
                           "exchanged), so there is nothing to federate; run it with --engine local")
-
-
-class Link:
-    """Messages between the server and the nodes, by client id."""
-
-    def __init__(self, grid: Grid, cfg: RunConfig, observer: Observer) -> None:
-        self.grid, self.cfg, self.observer = grid, cfg, observer
-        self.config_text = dumps_toml(to_dict(cfg))
-        self.config_hash = config_hash(cfg)
-        self.nodes: dict[int, int] = {}  # client (partition id) -> node id
-        self.asked: set[int] = set()  # node ids that answered hello (or failed it)
-        self.configured: set[int] = set()  # node ids known to hold this run's config
-
-    # -------------------------------------------------------------- nodes
-
-    def discover(self, expected: int, timeout: float) -> list[int]:
-        """Ask every new node who it is, until all ``expected`` clients have a node or ``timeout`` passes.
-
-        Returns the clients whose node changed (their state on the old node is gone).
-        """
-        deadline = time.monotonic() + timeout
-        changed: list[int] = []
-        errors: list[str] = []
-        while True:
-            new = [n for n in self.grid.get_node_ids() if n not in self.asked]
-            if new:
-                changed += self._hello(new, errors)
-            if len(self.nodes) >= expected or time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
-        if not self.nodes:
-            detail = f" ({'; '.join(errors[:3])})" if errors else ""
-            raise FedSSLError(f"no SuperNode answered within {timeout:g} s{detail}; start one per client "
-                              "(fedssl deploy supernode --partition-id I --num-partitions N --data-dir DIR) or raise "
-                              "flower.connect_timeout")
-        missing = sorted(set(range(expected)) - set(self.nodes))
-        if missing:
-            self._note(f"no SuperNode holds client(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                       "they count as failed whenever they are sampled")
-        return changed
-
-    def refresh(self) -> list[int]:
-        """Greet nodes that joined since (a restarted SuperNode is a new node); the clients whose node changed."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.asked]
-        return self._hello(new, []) if new else []
-
-    def _hello(self, node_ids: list[int], errors: list[str]) -> list[int]:
-        changed = []
-        requests = [(node, self._message(node, HELLO, {}, {})) for node in node_ids]
-        for node, response in self._send(requests, self.cfg.flower.connect_timeout):
-            self.asked.add(node)
-            if response.reply is None:
-                errors.append(f"node {node}: {response.failure}")
-                self._note(f"SuperNode {node} could not join: {response.failure}")
-                continue
-            info = dict(response.reply.content[NODE])
-            client = int(info["partition-id"])
-            if client in self.nodes and self.nodes[client] != node:
-                changed.append(client)
-            self.nodes[client] = node
-            log.info("client %d is node %d: %d images from %s (digest %s)", client, node, int(info["num-samples"]),
-                     info["data-source"], info["data-digest"])
-        return changed
-
-    # -------------------------------------------------------------- messages
-
-    def exchange(self, requests: Iterable[Request], timeout: float) -> Iterator[Response]:
-        """Send every request, then yield the responses as they come (failures after ``timeout`` s)."""
-        sendable: list[tuple[int, Message]] = []
-        clients: dict[int, int] = {}  # node -> client
-        for request in requests:
-            node = self.nodes.get(request.client)
-            if node is None:
-                yield Response(request.client, None, "no SuperNode holds this client")
-                continue
-            clients[node] = request.client
-            sendable.append((node, self._message(node, request.message_type, request.task, request.records)))
-        for node, response in self._send(sendable, timeout):
-            response.client = clients[node]
-            yield response
-
-    def _message(self, node: int, message_type: str, task: Mapping[str, Any], records: Mapping[str, Any]) -> Message:
-        fields = {**task, "config-hash": self.config_hash}
-        if node not in self.configured:
-            fields["config"] = self.config_text  # the node's first message of this run: its config, then cached
-        ttl = max(self.cfg.flower.round_timeout, self.cfg.flower.connect_timeout) + TTL_MARGIN_SECONDS
-        return Message(content(task=fields, **records), dst_node_id=node, message_type=message_type, ttl=ttl)
-
-    def _send(self, messages: list[tuple[int, Message]], timeout: float) -> Iterator[tuple[int, Response]]:
-        """Push the messages, pull replies until all came or ``timeout`` passed; (node, response) each."""
-        if not messages:
-            return
-        sizes = {node: wire_bytes(message) for node, message in messages}
-        ids = list(self.grid.push_messages([message for _, message in messages]))
-        pending = {mid: node for mid, (node, _) in zip(ids, messages) if mid}
-        for (node, _), mid in zip(messages, ids):
-            if not mid:
-                yield node, Response(-1, None, "the SuperLink refused the message", sizes[node])
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            replies = list(self.grid.pull_messages(list(pending)))
-            for reply in replies:
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
-                    continue
-                if reply.has_error():
-                    self.configured.discard(node)
-                    log.debug("node %d replied with an error: %s", node, reply.error.reason)
-                    yield node, Response(-1, None, f"its ClientApp failed: {short_reason(reply.error.reason)}",
-                                         sizes[node], wire_bytes(reply))
-                    continue
-                self.configured.add(node)
-                yield node, Response(-1, reply, "", sizes[node], wire_bytes(reply))
-            if pending and not replies:
-                time.sleep(POLL_SECONDS)
-        for node in pending.values():
-            self.configured.discard(node)
-            yield node, Response(-1, None, f"no reply within {timeout:g} s", sizes[node])
-
-    def _note(self, text: str) -> None:
-        log.info(text)
-        self.observer.message(text)
-
-
-def short_reason(reason: str) -> str:
-    """The line that says what went wrong in a ClientApp's error (Ray wraps it in a traceback with colours)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
-    if "Message:" in text:
-        text = text.rsplit("Message:", 1)[1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[0] if lines else "no reason given")[:300]
 
 
 # ------------------------------------------------------------------ round-based methods
@@ -228,32 +69,26 @@ def client_result(client: int, reply: RecordDict) -> ClientResult:
 
 
 class FlowerRunner:
-    """The rounds of ``_execute`` over Flower's Grid (simulation or deployment alike)."""
+    """The rounds of the shared run loop over Flower's Grid (simulation or deployment alike)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, observer: Observer) -> None:
         check_flower_config(cfg)
         self.cfg = cfg
         self.link = Link(grid, cfg, observer)
         self.clients = num_partitions(cfg)
-        self.split_holds: dict[int, bool] = {}  # MocoSFL: which clients hold the latest averaged client-nets
 
-    def begin(self, method: Method) -> None:
-        if isinstance(method, FederatedMethod):
-            method.client_lost(None)  # a new Flower run: no node holds anything of an earlier one
+    def begin(self, method: Method, resumed: bool) -> None:
+        """A new Flower run: no node holds anything of an earlier run (a fresh one holds the seeded start)."""
+        if resumed or isinstance(method, FederatedMethod):
+            method.client_lost(None)
         self.link.discover(self.clients, self.cfg.flower.connect_timeout)
 
     def run_round(self, method: Method, round_index: int, ledger: Ledger, observer: Observer) -> dict[str, Any]:
         for client in self.link.refresh():  # a client on a new node holds nothing of this run
-            self.split_holds[client] = False
-            if isinstance(method, FederatedMethod):
-                method.client_lost(client)
+            method.client_lost(client)
         if isinstance(method, SplitMethod):
-            from fedssl.engines.flower.split import split_round
-            from fedssl.methods.mocosfl import MocoSFL
-
-            if not isinstance(method, MocoSFL):
-                raise FedSSLError(f"{method.name} has no per-step Flower messages yet; run it with --engine local")
-            return split_round(method, self.link, round_index, self.split_holds, ledger, observer)
-        assert isinstance(method, FederatedMethod)
+            return split_round(method, self.cfg, round_index, FlowerSplitExchange(self.link, method), ledger, observer)
+        if not isinstance(method, FederatedMethod):
+            raise FedSSLError(f"{method.name} has no Flower messages; run it with --engine local")
         return federated_round(method, self.cfg, round_index, self.clients, round_exchange(self.link, self.cfg),
                                ledger, observer)

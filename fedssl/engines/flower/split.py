@@ -1,300 +1,194 @@
-"""MocoSFL over Flower: the per-step exchange as messages, the client's state kept on its node.
+"""Split learning over Flower: the split protocol's tensors as messages, and back (translation only).
 
-Per step, for the step's active clients (drawn as in-process):
+The round is ``fedssl.engines.steps.split_round`` (the same driver as in-process); the steps
+reach the clients as messages through the :class:`~fedssl.engines.flower.link.Link`:
 
-1. ``train.forward``: the client computes the query and key activations of its batch
-   at the cut (``MocoSFLClient.forward``) and sends them up; the message carries the
-   latest averaged client-nets if the client does not hold them yet;
-2. the server concatenates them and runs ONE server step (``MocoSFL.server_step``);
-3. ``train.backward``: each client gets its slice of the gradient, recomputes its
-   query from the same seeded views, back-propagates, steps its SGD and EMA
-   (``MocoSFLClient.backward``) and keeps its nets in ``context.state``;
+- ``train.forward``: the step's task (round, step, batches served, the client-nets' version), with the
+  latest client-nets for a client that does not hold them; the reply: its activations at the cut;
+- ``train.backward``: its slice of the server's gradient; the reply: an acknowledgement;
+- ``train.sync``: the reply holds its client-nets; ``train.average``: the sync's average.
 
-and at the end of the round (``sync_every`` steps) ``train.sync``: the clients that
-took part upload their nets; the server averages them (``MocoSFL.sync``) and every
-client fetches the average with its next forward. A client that fails a message
-loses that step (or its place in the average); the round goes on without it.
-
-The ledger records per client and round the real activation, gradient and weight
-payload bytes, and the bytes of the messages on the wire beside them. Unlike the
-in-process engine (one shuffle of all clients' rows per round), each client here
-shuffles its own images: the metrics follow the same method, not the same numbers.
+On the node, each message is one call of the method's client role (``SplitMethod.build_clients``,
+one client), whose state (client-nets, optimizer buffers) is kept in ``context.state`` between
+messages. Every message carries the version of the client-nets the server believes the client
+holds; a node that holds another (its state was lost) fails the message and gets them again.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import time
-from collections import defaultdict
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedssl.config import RunConfig
 from fedssl.engines.flower import node
-from fedssl.engines.flower.messages import (BACKWARD, FORWARD, RESULT, SYNC, TASK, content, from_record, metrics_record,
-                                           to_record)
-from fedssl.engines.flower.server import Link, Request, Response
-from fedssl.engines.local import Observer
-from fedssl.engines.rounds import note
-from fedssl.errors import DivergedError, FedSSLError
-from fedssl.methods.base import MethodContext
-from fedssl.methods.mocosfl import MocoSFL, MocoSFLClient
-from fedssl.models.stacked import Stack, scatter_, zeros_like_stack
-from fedssl.resources import DOWNLOAD, SERVER_STEP_COST, UPLOAD, Ledger, payload_bytes, tensor_bytes
-from fedssl.training import derive_seed, round_lr
+from fedssl.engines.flower.link import Link, Request, Response
+from fedssl.engines.flower.messages import (AVERAGE, BACKWARD, FORWARD, RESULT, SYNC, TASK, content, from_record,
+                                           metrics_record, to_record)
+from fedssl.engines.steps import Arrivals, stack_rows
+from fedssl.errors import FedSSLError
+from fedssl.methods import METHODS
+from fedssl.methods.base import MethodContext, Payload
+from fedssl.methods.split import SplitClients, SplitMethod, Stacked, StepTask
 
-NETS_STATE = "fedssl.split.nets"  # context.state: this client's online / momentum / SGD buffers
-STEP_STATE = "fedssl.split.step"  # context.state: the step whose backward is awaited
-ONLINE, MOMENTUM, ACTIVATIONS, GRADIENT = "online", "momentum", "activations", "gradient"
-PARTS = (ONLINE, MOMENTUM, "sgd")
+NETS, ACTIVATIONS, GRADIENT = "nets", "activations", "gradient"  # record names
+STATE = "fedssl.split.state"  # context.state: this client's role state (client-nets, optimizer buffers)
+VERSION = "fedssl.split.version"  # context.state: the version of the client-nets it holds
+
+
+# ------------------------------------------------------------------ the server side (in the ServerApp)
+
+
+class FlowerSplitExchange:
+    """``split_round``'s exchange over Flower: one message per client and step, its reply as rows of a stack."""
+
+    def __init__(self, link: Link, method: SplitMethod) -> None:
+        self.link, self.method = link, method
+        self.timeout = method.cfg.flower.round_timeout
+
+    def _task(self, round_index: int, step: int, client: int, served: int) -> dict[str, Any]:
+        return {"round": round_index, "step": step, "served": served, "client": client, "version": self.method.version}
+
+    def _send(self, requests: list[Request]) -> tuple[dict[int, RecordDict], Arrivals]:
+        """Send, collect: the replies' contents by client, and the failures and wire bytes as Arrivals."""
+        replies: dict[int, RecordDict] = {}
+        faults = Arrivals(torch.empty(0, dtype=torch.long), {}, wire_down={}, wire_up={})
+        response: Response
+        for response in self.link.exchange(requests, self.timeout):
+            faults.wire_down[response.client] = response.wire_down  # type: ignore[index]
+            faults.wire_up[response.client] = response.wire_up  # type: ignore[index]
+            if response.reply is None:
+                faults.failed[response.client] = response.failure
+            else:
+                replies[response.client] = response.reply.content
+        return replies, faults
+
+    def _arrivals(self, requests: list[Request], record: str | None, like: Payload) -> Arrivals:
+        replies, faults = self._send(requests)
+        rows: dict[int, Payload] = {}
+        for client, reply in replies.items():
+            try:
+                rows[client] = from_record(reply[record]) if record else {}
+            except KeyError:
+                faults.failed[client] = f"its reply holds no {record}"
+        arrived = stack_rows(rows, like) if record else Arrivals(
+            torch.tensor(sorted(rows), dtype=torch.long), {})
+        arrived.failed, arrived.wire_down, arrived.wire_up = faults.failed, faults.wire_down, faults.wire_up
+        return arrived
+
+    def forward(self, task: StepTask, latest: Payload, fetch: Tensor) -> Arrivals:
+        nets = {NETS: to_record(latest)}  # serialised once, sent to every client that lacks them
+        requests = [Request(c, FORWARD, self._task(task.round, task.step, c, int(s)), nets if f else {})
+                    for c, s, f in zip(task.clients.tolist(), task.served.tolist(), fetch.tolist())]
+        return self._arrivals(requests, ACTIVATIONS, self.method.activations_like())
+
+    def backward(self, task: StepTask, gradient: Stacked) -> Arrivals:
+        requests = [Request(c, BACKWARD, self._task(task.round, task.step, c, int(s)),
+                            {GRADIENT: to_record({k: v[j].cpu() for k, v in gradient.items()})})
+                    for j, (c, s) in enumerate(zip(task.clients.tolist(), task.served.tolist()))]
+        return self._arrivals(requests, None, {})
+
+    def sync(self, round_index: int, clients: Tensor) -> Arrivals:
+        requests = [Request(c, SYNC, self._task(round_index, -1, c, -1)) for c in clients.tolist()]
+        return self._arrivals(requests, NETS, self.method.latest())
+
+    def send_average(self, round_index: int, clients: Tensor, average: Payload) -> Arrivals:
+        nets = {NETS: to_record(average)}
+        requests = [Request(c, AVERAGE, self._task(round_index, -1, c, -1), nets) for c in clients.tolist()]
+        return self._arrivals(requests, None, {})
 
 
 # ------------------------------------------------------------------ the client side (in the ClientApp)
 
 
 @functools.lru_cache(maxsize=1)
-def _split_client(cfg: RunConfig, setup: node.NodeSetup) -> MocoSFLClient:
-    from fedssl.engines.local import resolve_device
-
+def _node_clients(cfg: RunConfig, setup: node.NodeSetup) -> tuple[SplitClients, dict[str, Any]]:
+    """This node's client role (one client) and its initial state (the seeded start)."""
     data = node.client_data(cfg, setup)
-    return MocoSFLClient(MethodContext(cfg, data.info, resolve_device(cfg.device)), data, setup.partition_id)
+    ctx = MethodContext(cfg, data.info, node.resolve_device(cfg.device))
+    clients = METHODS[cfg.method].build_clients(ctx, [setup.partition_id])  # type: ignore[attr-defined]
+    clients.use_data(lambda _: data)
+    return clients, _flat(clients.state_dict())
 
 
-def _nets(context: Context) -> dict[str, Stack]:
-    """The client's nets as stacks of one client: {"online": ..., "momentum": ..., "sgd": ...} ({} if none)."""
-    flat = node.held(context, NETS_STATE)
-    nets: dict[str, Stack] = defaultdict(dict)
-    for key, value in flat.items():
+def _flat(state: dict[str, dict[str, Tensor]]) -> Payload:
+    """A role's state of ONE client ({part: {name: (1, ...)}}) as one payload ``part/name`` -> (...)."""
+    return {f"{key}/{name}": t[0].detach().clone() for key, stack in state.items() for name, t in stack.items()}
+
+
+def _stacked(flat: Payload) -> dict[str, dict[str, Tensor]]:
+    state: dict[str, dict[str, Tensor]] = {}
+    for key, t in flat.items():
         part, name = key.split("/", 1)
-        nets[part][name] = value.unsqueeze(0)
-    return dict(nets)
+        state.setdefault(part, {})[name] = t.unsqueeze(0)
+    return state
 
 
-def _keep_nets(context: Context, nets: dict[str, Stack]) -> None:
-    node.keep(context, {f"{part}/{name}": t[0] for part, stack in nets.items() for name, t in stack.items()},
-              NETS_STATE)
-
-
-def _task(message_content: RecordDict, setup: node.NodeSetup) -> tuple[int, int, int]:
+def _task(message_content: RecordDict, setup: node.NodeSetup) -> tuple[StepTask, int]:
     task = message_content[TASK]
     if int(task["client"]) != setup.partition_id:
         raise FedSSLError(f"a message for client {task['client']} reached the node of client {setup.partition_id}")
-    return int(task["round"]), int(task["step"]), int(task["served"])
+    step = StepTask(int(task["round"]), int(task["step"]), torch.tensor([setup.partition_id]),
+                    torch.tensor([int(task["served"])]))
+    return step, int(task["version"])
+
+
+def _role(cfg: RunConfig, setup: node.NodeSetup, context: Context) -> tuple[SplitClients, int]:
+    """The node's role with this client's state from ``context.state`` (the seeded start if it holds none)."""
+    clients, initial = _node_clients(cfg, setup)
+    saved = node.held(context, STATE)
+    clients.load_state_dict(_stacked(saved or initial))
+    record = context.state.config_records.get(VERSION)
+    return clients, (int(record["version"]) if record is not None else 0)
+
+
+def _keep(context: Context, clients: SplitClients, version: int) -> None:
+    node.keep(context, _flat(clients.state_dict()), STATE)
+    context.state[VERSION] = ConfigRecord({"version": version})
 
 
 def client_forward(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context) -> RecordDict:
-    """Take the latest nets if they came, compute the step's activations, remember the step."""
-    round_index, step, served = _task(message_content, setup)
-    client = _split_client(cfg, setup)
-    nets = _nets(context)
-    if ONLINE in message_content:  # the latest averaged nets (the client was not holding them)
-        online = {k: v.unsqueeze(0) for k, v in from_record(message_content[ONLINE]).items()}
-        momentum = ({k: v.unsqueeze(0) for k, v in from_record(message_content[MOMENTUM]).items()}
-                    if MOMENTUM in message_content else nets.get(MOMENTUM) or {k: v.clone() for k, v in online.items()})
-        nets = {ONLINE: online, MOMENTUM: momentum, "sgd": nets.get("sgd") or zeros_like_stack(online)}
-    if set(nets) != set(PARTS):
-        raise FedSSLError("this client holds no client-net (its state was lost); the server re-sends it")
-    query, key = client.forward(nets[ONLINE], nets[MOMENTUM], round_index, step, served)
-    _keep_nets(context, nets)
-    context.state[STEP_STATE] = ConfigRecord({"round": round_index, "step": step, "served": served})
-    return content(**{ACTIVATIONS: to_record({"query": query[0], "key": key[0]})})
+    """Take the latest client-nets if they came (else hold the version the server expects); the activations."""
+    task, version = _task(message_content, setup)
+    clients, held = _role(cfg, setup, context)
+    if NETS in message_content:
+        clients.receive(task.clients, from_record(message_content[NETS]))
+        held = version
+    if held != version:
+        raise FedSSLError(f"this client holds client-nets of version {held}, the server's are version {version} "
+                          "(its state was lost); the server re-sends them")
+    activations = clients.forward(task)
+    _keep(context, clients, held)
+    return content(**{ACTIVATIONS: to_record({k: v[0] for k, v in activations.items()})})
 
 
 def client_backward(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context
                     ) -> RecordDict:
-    """The gradient of the step's query: recompute, back-propagate, SGD step, EMA; keep the nets."""
-    round_index, step, served = _task(message_content, setup)
-    pending = context.state.config_records.get(STEP_STATE)
-    if pending is None or (int(pending["round"]), int(pending["step"])) != (round_index, step):
-        raise FedSSLError(f"a backward for round {round_index + 1} step {step} without its forward on this client")
-    nets = _nets(context)
-    grad = from_record(message_content[GRADIENT])["query"].unsqueeze(0)  # (1, B, ...)
-    nets[ONLINE] = _split_client(cfg, setup).backward(nets[ONLINE], nets[MOMENTUM], nets["sgd"], grad, round_index,
-                                                      step, served)
-    _keep_nets(context, nets)
-    del context.state[STEP_STATE]
+    """The gradient of the step's activations: back-propagate (recomputing the forward), update; keep the nets."""
+    task, version = _task(message_content, setup)
+    clients, held = _role(cfg, setup, context)
+    if held != version:
+        raise FedSSLError(f"a backward for client-nets of version {version} on a client holding version {held}")
+    clients.backward(task, {k: v.unsqueeze(0) for k, v in from_record(message_content[GRADIENT]).items()})
+    _keep(context, clients, held)
     return content(**{RESULT: metrics_record({"steps": 1})})
 
 
 def client_sync(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context) -> RecordDict:
-    """The client-nets go up (online, and momentum when ``split.sync_momentum``)."""
-    _task(message_content, setup)
-    nets = _nets(context)
-    if ONLINE not in nets:
-        raise FedSSLError("this client holds no client-net to synchronise (its state was lost)")
-    parts = [ONLINE] + ([MOMENTUM] if cfg.split.sync_momentum else [])
-    return content(**{part: to_record({k: v[0] for k, v in nets[part].items()}) for part in parts})
+    """The client-nets go up."""
+    task, _ = _task(message_content, setup)
+    clients, _ = _role(cfg, setup, context)
+    return content(**{NETS: to_record({k: v[0] for k, v in clients.upload(task.clients).items()})})
 
 
-# ------------------------------------------------------------------ the server side (in the ServerApp)
-
-
-class SplitTraffic:
-    """Per client, one round's bytes: payloads by kind, and the messages on the wire."""
-
-    def __init__(self) -> None:
-        self.rows: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-
-    def add(self, client: int, **values: int) -> None:
-        for key, value in values.items():
-            self.rows[client][key] += int(value)
-
-
-def _latest(method: MocoSFL) -> dict[str, dict[str, Tensor]]:
-    """The averaged client-nets a client must hold (the global encoder's first layers, and their momentum copy)."""
-    cut = method.cut
-    out = {ONLINE: {k: v.detach().clone() for k, v in method.client_net.named_parameters()}}
-    momentum = nn.Sequential(*method.server.momentum_encoder.layers[:cut])
-    out[MOMENTUM] = {k: v.detach().clone() for k, v in momentum.named_parameters()}
-    return out
-
-
-def _activation_shape(method: MocoSFL) -> tuple[int, ...]:
-    """(B, C', H', W'): what one client's activations at the cut must look like."""
-    size, channels = method.ctx.image_size, method.ctx.info.channels
-    with torch.no_grad():
-        probe = method.client_net(torch.zeros(method.split.client_batch, channels, size, size, device=method.ctx.device))
-    return tuple(probe.shape)
-
-
-def _fits(tensors: dict[str, Tensor], like: dict[str, Tensor]) -> bool:
-    return set(tensors) == set(like) and all(
-        tensors[k].shape == like[k].shape and bool(torch.isfinite(tensors[k]).all()) for k in like)
-
-
-def split_round(method: MocoSFL, link: Link, round_index: int, holds: dict[int, bool], ledger: Ledger,
-                observer: Observer) -> dict[str, Any]:
-    """One MocoSFL round (``sync_every`` steps, then the sync) over Flower messages; the round's metrics row.
-
-    ``holds[c]``: client c holds the latest averaged nets (kept by the runner across rounds).
-    """
-    cfg, split, n = method.cfg, method.split, method.num_clients
-    timeout = cfg.flower.round_timeout
-    observer.round_started(round_index, n)
-    start = time.perf_counter()
-    lr = round_lr(cfg, round_index)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, 0x5F2))  # the steps' active clients
-    latest = _latest(method)
-    parts = [ONLINE, MOMENTUM] if split.sync_momentum else [ONLINE]
-    latest_records = {part: to_record(latest[part]) for part in parts}  # serialised once, sent to every stale client
-    shape = _activation_shape(method)
-    traffic = SplitTraffic()
-    served = torch.zeros(n, dtype=torch.long)
-    failed: set[int] = set()
-    rejected: set[int] = set()
-    loss_sum, steps_done, images = 0.0, 0, 0
-    for step in range(split.sync_every):
-        active = method._active_clients(generator)
-        clients = (active if active is not None else torch.arange(n)).tolist()
-        requests = []
-        for c in clients:
-            nets = {} if holds.get(c) else latest_records
-            requests.append(Request(c, FORWARD, {"round": round_index, "step": step, "served": int(served[c]),
-                                                 "client": c}, nets))
-            traffic.add(c, weights_down=sum(payload_bytes(latest[p]) for p in nets))
-        ok: dict[int, dict[str, Tensor]] = {}
-        for response in link.exchange(requests, timeout):
-            c = response.client
-            if not _answered(response, traffic, failed, holds):
-                continue
-            holds[c] = True  # it took the nets that came with the forward
-            acts = from_record(response.reply.content[ACTIVATIONS])
-            traffic.add(c, activations_up=payload_bytes(acts))
-            if not _fits(acts, {"query": torch.empty(shape), "key": torch.empty(shape)}):
-                rejected.add(c)
-                continue
-            ok[c] = acts
-        if not ok:
-            continue
-        order = sorted(ok)
-        index = torch.tensor(order)
-        query = torch.stack([ok[c]["query"] for c in order]).to(method.ctx.device)  # (n_ok, B, ...)
-        key = torch.stack([ok[c]["key"] for c in order]).to(method.ctx.device)
-        if not any(r["kind"] == SERVER_STEP_COST for r in ledger.rows):
-            method.record_server_cost(query, key, index, ledger)
-        result = method.server_step(query, key, index, lr)
-        if not math.isfinite(result.loss):
-            raise DivergedError(f"the MocoSFL loss became {result.loss}; lower the learning rate (--set lr=...)")
-        requests = [Request(c, BACKWARD, {"round": round_index, "step": step, "served": int(served[c]), "client": c},
-                            {GRADIENT: to_record({"query": result.grad[j].cpu()})}) for j, c in enumerate(order)]
-        for j, c in enumerate(order):
-            traffic.add(c, gradients_down=tensor_bytes(result.grad[j]))
-        for response in link.exchange(requests, timeout):
-            _answered(response, traffic, failed, holds)
-        served[index] += 1
-        loss_sum, steps_done, images = loss_sum + result.loss, steps_done + 1, images + len(order) * shape[0]
-    synced = _sync(method, link, round_index, [c for c in range(n) if served[c] > 0], traffic, failed, rejected,
-                   holds, timeout)
-    if synced:
-        method.sync(torch.tensor(synced))
-        for c in range(n):
-            holds[c] = False  # the average is new to everyone: it goes down with each client's next forward
-    return _record(method, round_index, traffic, served, failed, rejected, ledger, observer, loss_sum, steps_done,
-                   images, time.perf_counter() - start)
-
-
-def _answered(response: Response, traffic: SplitTraffic, failed: set[int], holds: dict[int, bool]) -> bool:
-    """Count a response's wire bytes; a client that did not answer is failed and holds no nets any more."""
-    traffic.add(response.client, wire_down=response.wire_down, wire_up=response.wire_up)
-    if response.reply is None:
-        failed.add(response.client)
-        holds[response.client] = False
-        return False
-    return True
-
-
-def _sync(method: MocoSFL, link: Link, round_index: int, participants: list[int], traffic: SplitTraffic,
-          failed: set[int], rejected: set[int], holds: dict[int, bool], timeout: float) -> list[int]:
-    """Collect the participants' nets into the server's view of them; the clients whose nets came and fit."""
-    like_online = {k: v[0] for k, v in method.client_online.items()}
-    requests = [Request(c, SYNC, {"round": round_index, "step": method.split.sync_every, "served": -1, "client": c})
-                for c in participants]
-    synced = []
-    for response in link.exchange(requests, timeout):
-        c = response.client
-        if not _answered(response, traffic, failed, holds):
-            continue
-        parts = {part: from_record(response.reply.content[part]) for part in (ONLINE, MOMENTUM)
-                 if part in response.reply.content}
-        traffic.add(c, weights_up=sum(payload_bytes(p) for p in parts.values()))
-        if not _fits(parts.get(ONLINE, {}), like_online) or (
-                method.split.sync_momentum and not _fits(parts.get(MOMENTUM, {}), like_online)):
-            rejected.add(c)
-            continue
-        index = torch.tensor([c])
-        with torch.no_grad():
-            scatter_(method.client_online, index, {k: v.unsqueeze(0) for k, v in parts[ONLINE].items()})
-            if MOMENTUM in parts:
-                scatter_(method.client_momentum, index, {k: v.unsqueeze(0) for k, v in parts[MOMENTUM].items()})
-        synced.append(c)
-    return sorted(synced)
-
-
-def _record(method: MocoSFL, round_index: int, traffic: SplitTraffic, served: Tensor, failed: set[int],
-            rejected: set[int], ledger: Ledger, observer: Observer, loss_sum: float, steps_done: int, images: int,
-            seconds: float) -> dict[str, Any]:
-    """Ledger rows per client (payload bytes by kind + wire bytes) and the round's metrics row."""
-    batch = method.split.client_batch
-    up = down = wire_up = wire_down = 0
-    for c, t in sorted(traffic.rows.items()):
-        steps = int(served[c])
-        up_c, down_c = t["activations_up"] + t["weights_up"], t["gradients_down"] + t["weights_down"]
-        ledger.record(round=round_index, client=c, kind=UPLOAD, bytes=up_c, activation_bytes=t["activations_up"],
-                      weight_bytes=t["weights_up"], steps=steps, samples=steps * batch, wire_bytes=t["wire_up"])
-        ledger.record(round=round_index, client=c, kind=DOWNLOAD, bytes=down_c, gradient_bytes=t["gradients_down"],
-                      weight_bytes=t["weights_down"], steps=steps, wire_bytes=t["wire_down"])
-        up, down = up + up_c, down + down_c
-        wire_up, wire_down = wire_up + t["wire_up"], wire_down + t["wire_down"]
-        observer.client_done(round_index, c, {"steps": steps, "bytes_up": up_c, "bytes_down": down_c,
-                                              **({"failed": 1} if c in failed else {})})
-    for c in sorted(failed | rejected):
-        what = "failed (no usable reply in time)" if c in failed else "sent activations or nets that do not fit (rejected)"
-        note(observer, f"round {round_index + 1}: client {c} {what}; the round went on without it")
-    return {"round": round_index + 1, "loss": loss_sum / steps_done if steps_done else float("nan"),
-            "clients": int((served > 0).sum()), "failed": len(failed), "rejected": len(rejected), "images": images,
-            "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0, "bytes_up": up,
-            "bytes_down": down, "steps": steps_done, "wire_up": wire_up, "wire_down": wire_down}
+def client_average(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context
+                   ) -> RecordDict:
+    """The sync's average comes down: the client holds the latest client-nets."""
+    task, version = _task(message_content, setup)
+    clients, _ = _role(cfg, setup, context)
+    clients.receive(task.clients, from_record(message_content[NETS]))
+    _keep(context, clients, version)
+    return content(**{RESULT: metrics_record({"steps": 0})})
