@@ -130,22 +130,22 @@ def check_nan_client(work: Path) -> Check:
     import torch
 
     from fedssl.engines.local import start_run
-    from fedssl.methods.fedavg import FedMoCo
+    from fedssl.methods.fedavg import FedAvgClient
 
-    original = FedMoCo.client_update
+    original = FedAvgClient.train
 
-    def poisoned(self: FedMoCo, payload: Any, data: Any, *, round_index: int, client_id: int, **kwargs: Any) -> Any:
-        result = original(self, payload, data, round_index=round_index, client_id=client_id, **kwargs)
+    def poisoned(self: FedAvgClient, payload: Any, data: Any, *, round_index: int, client_id: int) -> Any:
+        result = original(self, payload, data, round_index=round_index, client_id=client_id)
         if client_id == 1:
             result.upload = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                              for k, v in result.upload.items()}
         return result
 
-    FedMoCo.client_update = poisoned  # type: ignore[method-assign]
+    FedAvgClient.train = poisoned  # type: ignore[method-assign]
     try:
         out = start_run(_tiny("clients=4"), work / "nan")
     finally:
-        FedMoCo.client_update = original  # type: ignore[method-assign]
+        FedAvgClient.train = original  # type: ignore[method-assign]
     rejected = sum(int(m.get("rejected", 0)) for m in out.metrics)
     finite = all(bool(torch.isfinite(p).all()) for p in out_encoder_params(work / "nan"))
     held = rejected == 3 and finite and math.isfinite(out.final["knn_acc"])

@@ -2,8 +2,8 @@
 
 A round of a round-based method (``FederatedMethod``) is the same whichever engine
 runs it; only the *exchange* differs: how a client's download reaches it and how its
-reply comes back. The in-process engine calls ``client_update`` directly
-(:func:`local_exchange`); the Flower engine sends messages through the Grid
+reply comes back. The in-process engine calls the method's client role (``method.client.train``)
+directly (:func:`local_exchange`); the Flower engine sends messages through the Grid
 (``fedssl.engines.flower.server``). Everything else is here, once:
 
 - client sampling (:func:`sample_clients`) and simulated dropout (:func:`returns_update`);
@@ -73,8 +73,8 @@ def local_exchange(method: FederatedMethod, client_data: Callable[[int], ImageDa
     """The in-process exchange: each client's local training runs here, one client after another."""
     def exchange(round_index: int, sends: Iterable[tuple[int, Payload]]) -> Iterator[Reply]:
         for client, payload in sends:
-            yield Reply(client, method.client_update(payload, client_data(client), round_index=round_index,
-                                                     client_id=client))
+            yield Reply(client, method.client.train(payload, client_data(client), round_index=round_index,
+                                                    client_id=client))
     return exchange
 
 
@@ -114,6 +114,7 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
                 yield client, payload
                 continue
             counts["dropped"] += 1  # the client received the model, then failed: nothing comes back
+            method.client_lost(client)  # ... and whatever it was sent may be gone with it
             ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=sent[client])
             observer.client_done(round_index, client, {"bytes_down": sent[client], "dropped": 1})
 

@@ -1,10 +1,11 @@
 """The method protocol: what runs on a client, what on the server, what crosses the wire.
 
-A round-based method is written once against ``FederatedMethod`` and run by
-either engine. Per round the engine asks the server for each sampled client's
-``download`` payload, hands it to ``client_update`` (which returns the
-``upload`` payload), and gives the uploads to ``aggregate``. The payloads are
-the real tensors that travel, so the ledger counts bytes from them directly.
+A round-based method is written once against ``FederatedMethod`` (the server role) and its
+``FederatedClient`` (the client role) and run by either engine. Per round the engine asks the
+server for each sampled client's ``download`` payload, hands it to the client role's ``train``
+(which returns the ``upload`` payload), and gives the uploads to ``aggregate``. The payloads are
+the real tensors that travel, so the ledger counts bytes from them directly. Split methods
+(step-based) follow ``fedssl.methods.split``.
 """
 
 from __future__ import annotations
@@ -45,18 +46,37 @@ class MethodContext:
 
 @dataclass
 class ClientResult:
-    """A client's reply: the upload payload, its data size (FedAvg weight) and local metrics.
-
-    ``held``: what the client keeps for its later rounds and never sends (e.g. the frozen layers of a
-    layer-wise method, downloaded once); the engine stores it on the client (Flower: ``context.state``)
-    and hands it back to ``client_update``. None: the client keeps nothing.
-    """
+    """A client's reply: the upload payload, its data size (FedAvg weight) and local metrics."""
 
     client_id: int
     upload: Payload
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    held: Payload | None = None
+
+
+class FederatedClient(ABC):
+    """The client role of a round-based method, for the clients ONE machine holds (a Flower node: its own; the
+    in-process engine: all of them, one after another).
+
+    ``kept[c]``: what client c keeps between its rounds and never sends (e.g. the frozen layers of a layer-wise
+    method, downloaded once; {} or absent: nothing). A node restores its client's from ``context.state``
+    before ``train`` and stores it after; in-process it stays here (and in the checkpoint). A payload's
+    tensors are never written to once sent, so a client may keep them as they are.
+    """
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self.kept: dict[int, Payload] = {}
+
+    @abstractmethod
+    def train(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
+        """Local training from the download on the client's own data; its reply (the upload)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": {int(c): dict(p) for c, p in self.kept.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = {int(c): dict(p) for c, p in state.get("kept", {}).items()}
 
 
 @dataclass(frozen=True)
@@ -131,22 +151,23 @@ class Method(ABC):
 
 
 class FederatedMethod(Method):
-    """A round-based method: per round, download -> local training -> upload -> aggregate."""
+    """A round-based method's server role: per round, download -> (the clients train) -> aggregate.
+
+    ``client``: the client role of the clients simulated in this process (the in-process engine trains
+    them; on a Flower server it only measures a client's step: each node builds its own with
+    :meth:`build_client`).
+    """
+
+    client: FederatedClient
+
+    @classmethod
+    @abstractmethod
+    def build_client(cls, ctx: MethodContext) -> FederatedClient:
+        """The client role, built from the config alone (no server state)."""
 
     @abstractmethod
     def download(self, round_index: int, client_id: int) -> Payload:
         """Server -> client payload for this round."""
-
-    @abstractmethod
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int,
-                      held: Payload | None = None) -> ClientResult:
-        """Client side: local training from the payload on the client's own data.
-
-        ``held``: what this client kept from its earlier rounds (``ClientResult.held``), ``{}`` for a
-        client that holds nothing yet. A client on its own device (the Flower engine) always passes
-        it and must never read server state. None: the in-process engine, which keeps client state
-        implicit — the method may let the server's copy stand in for it where that is exact.
-        """
 
     @abstractmethod
     def aggregate(self, round_index: int, results: list[ClientResult]) -> None:

@@ -8,14 +8,14 @@ the same tensors back; the server averages them weighted by client data size.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import torch
 
 from fedssl.aggregation import weighted_average
+from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
-from fedssl.methods.base import (ClientResult, FederatedMethod, MethodContext, Payload, build_augment,
+from fedssl.methods.base import (ClientResult, FederatedClient, FederatedMethod, MethodContext, Payload, build_augment,
                                  build_model, measure_ssl_step, seed_client)
 from fedssl.models.encoder import Encoder
 from fedssl.models.ssl import SSLModel
@@ -23,53 +23,72 @@ from fedssl.resources import StepCost
 from fedssl.training import Augment, make_optimizer, round_lr, train_local
 
 
-class FedAvgSSL(FederatedMethod):
-    """FedAvg of an SSL model whose objective is fixed by the subclass."""
+class FedAvgClient(FederatedClient):
+    """A FedAvg client: its own copy of the SSL model (``worker``); it loads the download, trains, uploads.
 
-    objective: ClassVar[str]
+    The in-process engine runs every simulated client through this one object, one after another; nothing
+    of one client's training survives into the next one's (``receive`` resets it).
+    """
 
-    def __init__(self, ctx: MethodContext) -> None:
+    def __init__(self, ctx: MethodContext, method: type[FedAvgSSL]) -> None:
         super().__init__(ctx)
-        torch.manual_seed(ctx.cfg.seed)
-        self.global_model = self.build_global_model()
-        self.worker = copy.deepcopy(self.global_model)  # one client model, reused by every simulated client
-        self.augment = self.build_augment()
+        torch.manual_seed(ctx.cfg.seed)  # the same initial weights as the server's global model
+        self.worker = method.build_model(ctx)
+        self.augment = method.build_augment(ctx)
 
-    def build_global_model(self) -> SSLModel:
-        """The server's SSL model (subclasses may wrap the backbone, e.g. stage by stage)."""
-        return build_model(self.ctx, self.objective)
-
-    def build_augment(self) -> Augment:
-        """The views a local step feeds the model's loss (two SSL views here; one masked view for MAE)."""
-        return build_augment(self.ctx)
-
-    def receive(self, worker: SSLModel, payload: Payload, round_index: int,
-                held: Payload | None = None) -> Payload | None:
-        """Client side, before local training: load the download, reset local state (momentum re-copy).
-
-        ``held``: what the client kept from earlier rounds (see ``FederatedMethod.client_update``).
-        Returns what it keeps after this round (None: nothing; these clients are stateless).
-        """
-        worker.load_exchanged_state(payload)
-        worker.start_round()
-        return None
+    def receive(self, payload: Payload, round_index: int, client_id: int) -> None:
+        """Before local training: load the download, reset local state (momentum re-copy)."""
+        self.worker.load_exchanged_state(payload)
+        self.worker.start_round()
 
     def local_lr(self, round_index: int) -> float:
         return round_lr(self.cfg, round_index)
 
-    def download(self, round_index: int, client_id: int) -> Payload:
-        return self.global_model.exchanged_state()
-
-    def client_update(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int,
-                      held: Payload | None = None) -> ClientResult:
+    def train(self, payload: Payload, data: ImageData, *, round_index: int, client_id: int) -> ClientResult:
         worker = self.worker
-        kept = self.receive(worker, payload, round_index, held)
+        self.receive(payload, round_index, client_id)
         generator = seed_client(self.cfg, round_index, client_id)
         optimizer = make_optimizer(worker.trainable_parameters(), self.cfg, self.local_lr(round_index))
         stats = train_local(worker, data, self.augment, optimizer, cfg=self.cfg, generator=generator,
                             device=self.ctx.device)
         upload = {k: v.clone() for k, v in worker.exchanged_state().items()}
-        return ClientResult(client_id, upload, len(data), stats.as_dict(), held=kept)
+        return ClientResult(client_id, upload, len(data), stats.as_dict())
+
+
+class FedAvgSSL(FederatedMethod):
+    """FedAvg of an SSL model whose objective is fixed by the subclass."""
+
+    objective: ClassVar[str]
+    client_class: ClassVar[type[FedAvgClient]] = FedAvgClient
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        torch.manual_seed(ctx.cfg.seed)
+        self.global_model = self.build_model(ctx)
+        self.client = self.build_client(ctx)  # the clients simulated in this process
+        self.augment = self.build_augment(ctx)
+
+    @classmethod
+    def objective_of(cls, cfg: RunConfig) -> str:
+        """The SSL objective the method trains with."""
+        return cls.objective
+
+    @classmethod
+    def build_model(cls, ctx: MethodContext) -> SSLModel:
+        """The SSL model of one participant: the server's global model, or a client's own copy."""
+        return build_model(ctx, cls.objective_of(ctx.cfg))
+
+    @classmethod
+    def build_augment(cls, ctx: MethodContext) -> Augment:
+        """The views a local step feeds the model's loss (two SSL views here; one masked view for MAE)."""
+        return build_augment(ctx)
+
+    @classmethod
+    def build_client(cls, ctx: MethodContext) -> FedAvgClient:
+        return cls.client_class(ctx, cls)
+
+    def download(self, round_index: int, client_id: int) -> Payload:
+        return self.global_model.exchanged_state()
 
     def aggregate(self, round_index: int, results: list[ClientResult]) -> None:
         trained = [r for r in results if r.metrics.get("steps", 0) > 0]
@@ -85,13 +104,14 @@ class FedAvgSSL(FederatedMethod):
         return self.global_model.encoder
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_model": self.global_model.state_dict()}
+        return {"global_model": self.global_model.state_dict(), "clients": self.client.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_model.load_state_dict(state["global_model"])
+        self.client.load_state_dict(state.get("clients", {}))
 
     def measure_client_step(self, data: ImageData) -> StepCost:
-        return measure_ssl_step(self.worker, data, self.ctx, self.cfg.lr, self.augment)
+        return measure_ssl_step(self.client.worker, data, self.ctx, self.cfg.lr, self.client.augment)
 
 
 class FedMoCo(FedAvgSSL):

@@ -28,7 +28,7 @@ from pathlib import Path
 from fedssl.config import RunConfig
 from fedssl.data.augment import MaskedViewAugment
 from fedssl.data.datasets import ImageData
-from fedssl.methods.base import build_backbone
+from fedssl.methods.base import MethodContext, build_backbone
 from fedssl.methods.layerwise import StagedFedSSL
 from fedssl.models.mae import MaskedAutoencoder
 from fedssl.reconstructions import save_reconstructions
@@ -42,16 +42,18 @@ class FedMAE(StagedFedSSL):
     name = "fedmae"
     figures_title = "Reconstructions at the end of each stage: masked input / reconstruction / original"
 
-    def build_global_model(self) -> MaskedAutoencoder:  # type: ignore[override]
-        self.backbone = build_backbone(self.ctx)
-        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
-        model = MaskedAutoencoder(StagedEncoder(self.backbone, self.schedule.stage_ends), self.cfg.ssl, self.cfg.mae)
-        model.set_stage(self.schedule.stage(0))
-        return model.to(self.ctx.device)
+    @classmethod
+    def build_model(cls, ctx: MethodContext) -> MaskedAutoencoder:  # type: ignore[override]
+        backbone = build_backbone(ctx)
+        schedule = StageSchedule.for_run(ctx.cfg, backbone)
+        model = MaskedAutoencoder(StagedEncoder(backbone, schedule.stage_ends), ctx.cfg.ssl, ctx.cfg.mae)
+        model.set_stage(schedule.stage(0))
+        return model.to(ctx.device)
 
-    def build_augment(self) -> Augment:
-        info = self.ctx.info
-        return MaskedViewAugment(self.ctx.image_size, info.mean, info.std, channels=info.channels).to(self.ctx.device)
+    @classmethod
+    def build_augment(cls, ctx: MethodContext) -> Augment:
+        info = ctx.info
+        return MaskedViewAugment(ctx.image_size, info.mean, info.std, channels=info.channels).to(ctx.device)
 
     @classmethod
     def describe(cls, cfg: RunConfig) -> str:

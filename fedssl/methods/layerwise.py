@@ -32,7 +32,7 @@ from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
 from fedssl.losses import cosine_distance, mse_distance
 from fedssl.methods.base import MethodContext, Payload, ReferenceCost, build_backbone, measure_ssl_step
-from fedssl.methods.fedavg import FedAvgSSL
+from fedssl.methods.fedavg import FedAvgClient, FedAvgSSL
 from fedssl.models.encoder import Encoder
 from fedssl.models.momentum import copy_weights, deactivate_requires_grad
 from fedssl.models.ssl import SSL_MODELS, SSLModel
@@ -110,19 +110,87 @@ def load_subset(model: nn.Module, state: Payload) -> None:
             own[key].copy_(value)
 
 
-class StagedFedSSL(FedAvgSSL):
-    """FedAvg of a stage-wise SSL model; the schedule's mode follows the method (``fedssl.stages.stage_mode``)."""
+def stage_lr(cfg: RunConfig, schedule: StageSchedule, round_index: int) -> float:
+    """Cosine decay WITHIN each stage (a new block starts at the full rate), or constant."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * schedule.progress(round_index)))
 
-    def __init__(self, ctx: MethodContext) -> None:
-        self.objective = ctx.cfg.layerwise.objective  # type: ignore[misc]
-        super().__init__(ctx)
+
+def frozen_prefixes(layers: range | list[int]) -> tuple[str, ...]:
+    """State-dict key prefixes of the staged model's encoder layers ``layers``."""
+    return layer_prefixes("encoder.backbone.", layers)
+
+
+class StagedClient(FedAvgClient):
+    """A client of a stage-wise method: its worker at the round's stage, the frozen layers it keeps.
+
+    A client keeps the frozen layers it was sent (``kept``) and is sent only those whose server version
+    it lacks; the alignment target (``reference``) is its copy of the received global encoder.
+    """
+
+    def __init__(self, ctx: MethodContext, method: type[FedAvgSSL]) -> None:
+        super().__init__(ctx, method)
+        self.schedule = StageSchedule.for_run(ctx.cfg, self.worker.encoder.backbone)  # type: ignore[arg-type]
         self.stage = self.schedule.stage(0)
-        self.rounds_entered = 0  # the round whose stage is in force (for encoder() and resume)
-        self.versions = LayerVersions(self.backbone.num_layers())  # who must download which frozen layer
         self.reference = copy.deepcopy(self.worker.encoder) if ctx.cfg.alignment.weight else None
         if self.reference is not None:
             deactivate_requires_grad(self.reference)  # a fixed target: no graph through it
+
+    def enter_round(self, round_index: int) -> Stage:
+        """Put the worker at the stage of ``round_index``."""
+        stage = self.schedule.at_round(round_index)
+        if stage != self.stage:
+            self.stage = stage
+            self.worker.set_stage(stage)  # type: ignore[attr-defined]
+        return stage
+
+    def local_lr(self, round_index: int) -> float:
+        return stage_lr(self.cfg, self.schedule, round_index)
+
+    def receive(self, payload: Payload, round_index: int, client_id: int) -> None:
+        """Frozen layers: the ones this client keeps, updated by the stale ones in the payload; then the rest."""
+        stage = self.enter_round(round_index)
+        worker = self.worker
+        prefixes = frozen_prefixes(stage.frozen)
+        frozen = {**select_state(self.kept.get(client_id, {}), prefixes), **select_state(payload, prefixes)}
+        missing = sorted(set(select_state(worker.state_dict(), prefixes)) - set(frozen))
+        if missing:
+            raise ValueError(f"this client holds no copy of the frozen layers {missing[:3]} (its state was lost); "
+                             "the server re-sends them once it has seen this failure")
+        if frozen:
+            self.kept[client_id] = frozen
+        else:
+            self.kept.pop(client_id, None)
+        load_subset(worker, frozen)
+        exchanged = set(worker.exchanged_state())
+        load_subset(worker, {k: v for k, v in payload.items() if k not in exchanged})
+        worker.load_exchanged_state({k: v for k, v in payload.items() if k in exchanged})
+        worker.start_round()
+        if self.reference is not None:
+            copy_weights(self.reference, worker.encoder)
+            self.reference.stage = stage
+        worker.set_reference(self.reference)  # type: ignore[attr-defined]
+
+
+class StagedFedSSL(FedAvgSSL):
+    """FedAvg of a stage-wise SSL model; the schedule's mode is the method's (``stage_mode``)."""
+
+    client_class = StagedClient
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.backbone = self.global_model.encoder.backbone  # type: ignore[union-attr]
+        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
+        self.stage = self.schedule.stage(0)
+        self.rounds_entered = 0  # the round whose stage is in force (for encoder() and resume)
+        self.versions = LayerVersions(self.backbone.num_layers())  # who must download which frozen layer
+        self.sent: dict[tuple[int, int], Payload] = {}  # (layer, version) -> its tensors as sent, shared by clients
         self.last_calibration: LocalStats | None = None
+
+    @classmethod
+    def objective_of(cls, cfg: RunConfig) -> str:
+        return cfg.layerwise.objective
 
     @classmethod
     def aux_fraction(cls, cfg: RunConfig) -> float:
@@ -134,29 +202,23 @@ class StagedFedSSL(FedAvgSSL):
 
     # ------------------------------------------------------------ stages
 
-    def build_global_model(self) -> SSLModel:
-        self.backbone = build_backbone(self.ctx)
-        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
-        return build_staged_model(self.objective, self.backbone, self.schedule, self.cfg).to(self.ctx.device)
+    @classmethod
+    def build_model(cls, ctx: MethodContext) -> SSLModel:
+        backbone = build_backbone(ctx)
+        schedule = StageSchedule.for_run(ctx.cfg, backbone)
+        return build_staged_model(cls.objective_of(ctx.cfg), backbone, schedule, ctx.cfg).to(ctx.device)
 
     def enter_round(self, round_index: int) -> Stage:
-        """Put the server and the worker at the stage of ``round_index``."""
+        """Put the server's model at the stage of ``round_index``."""
         stage = self.schedule.at_round(round_index)
         self.rounds_entered = round_index
         if stage != self.stage:
             self.stage = stage
-            for model in (self.global_model, self.worker):
-                model.set_stage(stage)  # type: ignore[attr-defined]
+            self.global_model.set_stage(stage)  # type: ignore[attr-defined]
         return stage
 
     def local_lr(self, round_index: int) -> float:
-        """Cosine decay WITHIN each stage (a new block starts at the full rate), or constant."""
-        if self.cfg.lr_schedule == "constant":
-            return self.cfg.lr
-        return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * self.schedule.progress(round_index)))
-
-    def _frozen_prefixes(self, layers: range | list[int]) -> tuple[str, ...]:
-        return layer_prefixes("encoder.backbone.", layers)
+        return stage_lr(self.cfg, self.schedule, round_index)
 
     # ------------------------------------------------------------ protocol
 
@@ -164,39 +226,18 @@ class StagedFedSSL(FedAvgSSL):
         """The active part, plus the frozen layers whose current version this client lacks."""
         stage = self.enter_round(round_index)
         payload = self.global_model.exchanged_state()
-        stale = self.versions.sync(client_id, stage.frozen)
-        if stale:
-            payload.update(select_state(self.global_model.state_dict(), self._frozen_prefixes(stale)))
+        for layer in self.versions.sync(client_id, stage.frozen):
+            payload.update(self._as_sent(layer))
         return payload
 
-    def receive(self, worker: SSLModel, payload: Payload, round_index: int,
-                held: Payload | None = None) -> Payload | None:
-        """Frozen layers: the client's own copy (``held``) updated by the stale ones in the payload; then the rest.
-
-        Returns the frozen layers the client keeps for its later rounds. ``held=None`` (the in-process
-        engine, one simulated worker shared by all clients): the server's frozen layers stand in for the
-        client's, which ``download`` guarantees equal (it sent every stale one in the payload); nothing is kept.
-        """
-        stage = self.enter_round(round_index)
-        prefixes = self._frozen_prefixes(stage.frozen)
-        if held is None:
-            frozen, kept = select_state(self.global_model.state_dict(), prefixes), None
-        else:
-            frozen = kept = {**select_state(held, prefixes), **select_state(payload, prefixes)}
-            missing = sorted(set(select_state(worker.state_dict(), prefixes)) - set(kept))
-            if missing:
-                raise ValueError(f"this client holds no copy of the frozen layers {missing[:3]} (its state was lost); "
-                                 "the server re-sends them once it has seen this failure")
-        load_subset(worker, frozen)
-        exchanged = set(worker.exchanged_state())
-        load_subset(worker, {k: v for k, v in payload.items() if k not in exchanged})
-        worker.load_exchanged_state({k: v for k, v in payload.items() if k in exchanged})
-        worker.start_round()
-        if self.reference is not None:
-            copy_weights(self.reference, worker.encoder)
-            self.reference.stage = stage
-        worker.set_reference(self.reference)  # type: ignore[attr-defined]
-        return kept
+    def _as_sent(self, layer: int) -> Payload:
+        """A frozen layer's current version, copied once (every client that downloads it shares the copy)."""
+        version = self.versions.layer_version[layer]
+        if (layer, version) not in self.sent:
+            self.sent = {k: v for k, v in self.sent.items() if k[0] != layer}  # older versions: the clients' own
+            state = select_state(self.global_model.state_dict(), frozen_prefixes([layer]))
+            self.sent[(layer, version)] = {k: v.detach().clone() for k, v in state.items()}
+        return self.sent[(layer, version)]
 
     def client_lost(self, client_id: int | None) -> None:
         """The client (None: every client) may have lost its frozen layers: the next download re-sends them all."""
@@ -246,15 +287,16 @@ class StagedFedSSL(FedAvgSSL):
         self.enter_round(int(state["round"]))
         super().load_state_dict(state)
         self.versions.load_state_dict(state["versions"])
+        self.sent = {}
 
     # ------------------------------------------------------------ cost
 
     def measure_stage(self, data: ImageData, stage: Stage) -> StepCost:
         """One real client step at ``stage``, counting only what a client holds at that stage."""
-        worker, current = self.worker, self.stage
+        worker, current = self.client.worker, self.client.stage  # type: ignore[attr-defined]
         worker.set_stage(stage)  # type: ignore[attr-defined]
         try:
-            return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, self.augment,
+            return measure_ssl_step(worker, data, self.ctx, self.cfg.lr, self.client.augment,  # type: ignore[attr-defined]
                                     held=lambda m: m.held_modules())  # type: ignore[attr-defined]
         finally:
             worker.set_stage(current)  # type: ignore[attr-defined]
@@ -281,13 +323,13 @@ class StagedFedSSL(FedAvgSSL):
 
     def reference_cost(self, data: ImageData) -> ReferenceCost:
         """The client step and per-round payload of the end-to-end model (``end_to_end_stage``), measured."""
-        stage, current = self.end_to_end_stage(), self.stage
+        stage, current, worker = self.end_to_end_stage(), self.client.stage, self.client.worker  # type: ignore[attr-defined]
         cost = self.measure_stage(data, stage)
-        self.worker.set_stage(stage)  # type: ignore[attr-defined]
+        worker.set_stage(stage)
         try:
-            payload = payload_bytes(self.worker.exchanged_state())
+            payload = payload_bytes(worker.exchanged_state())
         finally:
-            self.worker.set_stage(current)  # type: ignore[attr-defined]
+            worker.set_stage(current)
         return ReferenceCost(cost, payload)
 
 

@@ -136,7 +136,7 @@ def test_nan_and_wrong_shaped_uploads_are_rejected_logged_and_never_averaged(tmp
     fed = load_federation(cfg, pooled=False)
     method = FedMoCo(MethodContext(cfg, fed.train.info, torch.device("cpu")))
     torch.set_num_threads(1)
-    results = [method.client_update(method.download(0, c), fed.client_data(c), round_index=0, client_id=c)
+    results = [method.client.train(method.download(0, c), fed.client_data(c), round_index=0, client_id=c)
                for c in (0, 3)]
     want = weighted_average([r.upload for r in results], [r.num_samples for r in results])
     saved = torch.load(tmp_path / "flower" / "checkpoints" / "last.pt", weights_only=True)["method"]["global_model"]

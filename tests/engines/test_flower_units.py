@@ -70,7 +70,7 @@ def test_the_shared_round_never_averages_failed_or_rejected_replies() -> None:
 
     def exchange(round_index: int, sends: Iterable[tuple[int, Payload]]) -> Iterator[Reply]:
         for client, payload in sends:
-            result = method.client_update(payload, fed.client_data(client), round_index=round_index, client_id=client)
+            result = method.client.train(payload, fed.client_data(client), round_index=round_index, client_id=client)
             if client == 1:
                 yield Reply(client, None, "no reply within 1 s", wire_down=100)
                 continue
@@ -98,31 +98,30 @@ def _staged(cfg):
 
 
 def test_a_layerwise_client_keeps_its_frozen_layers_and_never_reads_the_server() -> None:
-    """Flower's client: a method object of its own, the frozen layers from its own state (``held``)."""
+    """Flower's client: only the client side of the method (``build_client``), its frozen layers from its own
+    state (a node's ``context.state``); the same uploads as the clients the in-process engine simulates."""
     cfg = tiny_config("method=lw-fedssl", "rounds=4", "local_steps=1", "batch_size=8", "clients=2",
                       "model.blocks_per_stage=[1,1]")
     fed, server = _staged(cfg)
-    _, device = _staged(cfg)  # the device's own method object: it never sees the server's
-    _, reference = _staged(cfg)  # the in-process engine: held=None, the server's copy stands in
+    device = LWFedSSL.build_client(MethodContext(cfg, fed.train.info, torch.device("cpu")))  # no server state
     held: Payload = {}
     for r in range(4):
         payload = server.download(r, 0)
-        result = device.client_update(payload, fed.client_data(0), round_index=r, client_id=0, held=held)
-        reference.global_model.load_state_dict(server.global_model.state_dict())
-        ref = reference.client_update(payload, fed.client_data(0), round_index=r, client_id=0)
-        assert ref.held is None
+        device.kept = {0: held} if held else {}  # what the node restores from its state
+        result = device.train(payload, fed.client_data(0), round_index=r, client_id=0)
+        held = from_record(to_record(device.kept.get(0, {})))  # ... and stores after the message
+        ref = server.client.train(payload, fed.client_data(0), round_index=r, client_id=0)  # in-process
         for key in result.upload:
             assert torch.equal(result.upload[key], ref.upload[key]), (r, key)
-        held = result.held or {}
         server.aggregate(r, [result])
     stage = server.schedule.at_round(3)
     assert held and all(k.startswith(tuple(f"encoder.backbone.layers.{i}." for i in stage.frozen)) for k in held)
     assert set(server.download(3, 0)) == set(server.global_model.exchanged_state())  # frozen layers not re-sent
     server.client_lost(0)
     assert set(server.download(3, 0)) > set(server.global_model.exchanged_state())  # ... until the client is lost
+    device.kept = {}  # a node that lost its state
     with pytest.raises(ValueError, match="holds no copy of the frozen layers"):
-        device.client_update(server.global_model.exchanged_state(), fed.client_data(0), round_index=3, client_id=0,
-                             held={})
+        device.train(server.global_model.exchanged_state(), fed.client_data(0), round_index=3, client_id=0)
 
 
 def test_mocosfl_device_client_does_the_methods_own_step() -> None:

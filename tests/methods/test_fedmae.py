@@ -40,7 +40,7 @@ def build(cfg) -> tuple[FedMAE, object]:
 
 
 def run_round(method: FedMAE, fed, r: int, clients: list[int]) -> list[ClientResult]:
-    results = [method.client_update(method.download(r, c), fed.client_data(c), round_index=r, client_id=c)
+    results = [method.client.train(method.download(r, c), fed.client_data(c), round_index=r, client_id=c)
                for c in clients]
     method.aggregate(r, results)
     return results
@@ -120,8 +120,8 @@ def test_frozen_blocks_do_not_change_and_only_the_active_part_travels() -> None:
     frozen_before = {k: v.clone() for k, v in backbone.layers[:2].state_dict().items()}
     payload = method.download(2, 0)  # stage 2: the patch embedding and block 1 frozen, block 2 active
     assert {k.split(".")[3] for k in payload if k.startswith("encoder.backbone.layers.")} == {"0", "1", "2"}
-    method.client_update(payload, fed.client_data(0), round_index=2, client_id=0)
-    worker = method.worker.encoder.backbone
+    method.client.train(payload, fed.client_data(0), round_index=2, client_id=0)
+    worker = method.client.worker.encoder.backbone
     for name, p in worker.layers[:2].named_parameters():
         assert p.grad is None and not p.requires_grad and torch.equal(p, frozen_before[name]), name
     later = method.download(3, 0)  # the frozen layers were received once: only block 2, the norm and the decoder now

@@ -40,7 +40,7 @@ def run_round(method: StagedFedSSL, fed, r: int, clients: list[int]) -> list[Cli
     results = []
     for c in clients:
         payload = method.download(r, c)
-        results.append(method.client_update(payload, fed.client_data(c), round_index=r, client_id=c))
+        results.append(method.client.train(payload, fed.client_data(c), round_index=r, client_id=c))
     method.aggregate(r, results)
     return results
 
@@ -69,13 +69,13 @@ def test_frozen_blocks_get_no_gradient_and_do_not_change() -> None:
     frozen_before = {k: v.clone() for k, v in method.global_model.encoder.backbone.layers[:2].state_dict().items()}
     active_before = {k: v.clone() for k, v in method.global_model.encoder.backbone.layers[2].state_dict().items()}
     payload = method.download(2, 0)  # stage 2: layers 0, 1 frozen, layer 2 active
-    method.client_update(payload, fed.client_data(0), round_index=2, client_id=0)
-    worker = method.worker.encoder.backbone
+    method.client.train(payload, fed.client_data(0), round_index=2, client_id=0)
+    worker = method.client.worker.encoder.backbone
     for name, p in worker.layers[:2].named_parameters():
         assert p.grad is None and not p.requires_grad, name
         assert torch.equal(p, frozen_before[name]), name
     assert any(not torch.equal(p, active_before[n]) for n, p in worker.layers[2].named_parameters())
-    trainable = {id(p) for p in method.worker.trainable_parameters()}
+    trainable = {id(p) for p in method.client.worker.trainable_parameters()}
     assert not trainable & {id(p) for p in worker.layers[:2].parameters()}
     assert not trainable & {id(p) for p in worker.layers[3].parameters()}  # not built yet
 
@@ -99,7 +99,7 @@ def test_only_the_active_block_and_heads_travel_and_late_joiners_pay_for_frozen_
     frozen = method.global_model.encoder.backbone.layers[:2].state_dict()
     assert set(late) - set(again) == {f"encoder.backbone.layers.{k}" for k in frozen}
     assert payload_bytes(late) - payload_bytes(again) == payload_bytes(frozen)
-    result = method.client_update(late, fed.client_data(2), round_index=2, client_id=2)
+    result = method.client.train(late, fed.client_data(2), round_index=2, client_id=2)
     assert set(result.upload) == set(method.global_model.exchanged_state())  # upload: active part + heads only
 
 
@@ -110,7 +110,8 @@ def test_prog_fedssl_trains_and_sends_every_block_so_far() -> None:
     payload = method.download(2, 0)
     layers = {int(k.split(".")[3]) for k in payload if k.startswith("encoder.backbone.layers.")}
     assert layers == {0, 1, 2}
-    assert all(p.requires_grad for p in method.worker.encoder.backbone.layers[:3].parameters())
+    method.client.receive(payload, 2, 0)  # the client at round 2's stage
+    assert all(p.requires_grad for p in method.client.worker.encoder.backbone.layers[:3].parameters())
 
 
 def test_calibration_uses_only_the_auxiliary_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,16 +139,16 @@ def test_calibration_uses_only_the_auxiliary_set(monkeypatch: pytest.MonkeyPatch
 def test_alignment_term_is_zero_when_local_equals_global() -> None:
     method, fed = build(vit_config("alignment.weight=1.0"))
     payload = method.download(0, 0)
-    method.receive(method.worker, payload, 0)
+    method.client.receive(payload, 0, 0)
     views = torch.randn(4, 3, 32, 32)
-    method.worker.eval()
-    assert float(method.worker.alignment_term(views).detach()) == pytest.approx(0.0, abs=1e-6)
+    method.client.worker.eval()
+    assert float(method.client.worker.alignment_term(views).detach()) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
-        method.worker.encoder.backbone.layers[1].linear1.weight.add_(torch.randn(64, 16))
-    assert float(method.worker.alignment_term(views).detach()) > 1e-4
+        method.client.worker.encoder.backbone.layers[1].linear1.weight.add_(torch.randn(64, 16))
+    assert float(method.client.worker.alignment_term(views).detach()) > 1e-4
     mse = build(vit_config("alignment.weight=1.0", "alignment.distance=mse"))[0]
-    mse.receive(mse.worker, mse.download(0, 0), 0)
-    assert float(mse.worker.alignment_term(views).detach()) == 0.0
+    mse.client.receive(mse.download(0, 0), 0, 0)
+    assert float(mse.client.worker.alignment_term(views).detach()) == 0.0
 
 
 def test_resnet_stages_have_adapters_that_travel_with_their_stage() -> None:
@@ -183,6 +184,7 @@ def test_state_dict_resumes_exactly() -> None:
     assert b.encoder().num_layers() == a.encoder().num_layers() == 3  # stage 1: stem + 2 blocks
     assert set(b.download(3, 0)) == set(a.download(3, 0))  # the same frozen blocks owed to the same client
     for m in (a, b):
+        m.client_lost(0)  # those two downloads never reached the client
         run_round(m, fed, 4, [0, 2])
     for (k, va), vb in zip(a.global_model.state_dict().items(), b.global_model.state_dict().values()):
         assert torch.equal(va, vb), k

@@ -1,6 +1,6 @@
 """The Flower ClientApp (``[tool.flwr.app.components] clientapp``): messages in, method calls, messages out.
 
-Each handler only converts: records -> payloads, calls the node's method object
+Each handler only converts: records -> payloads, calls the node's client role
 (``fedssl.engines.flower.node``, ``fedssl.engines.flower.split``), payloads -> records.
 """
 
@@ -41,10 +41,11 @@ def train(message: Message, context: Context) -> Message:
     if client != setup.partition_id:
         raise FedSSLError(f"a message for client {client} reached the node of client {setup.partition_id}")
     data = node.client_data(cfg, setup)
-    method = node.client_method(cfg, data.info)
-    result = method.client_update(from_record(message.content[PAYLOAD]), data, round_index=round_index,
-                                  client_id=client, held=node.held(context))
-    node.keep(context, result.held)
+    role = node.client_role(cfg, data.info)
+    held = node.held(context)
+    role.kept = {client: held} if held else {}  # what this client kept from its earlier rounds
+    result = role.train(from_record(message.content[PAYLOAD]), data, round_index=round_index, client_id=client)
+    node.keep(context, role.kept.get(client))
     upload = node.corrupt(result.upload, setup.fault)
     return Message(content(**{UPLOAD: to_record(upload),
                               RESULT: metrics_record({"num-samples": result.num_samples, **result.metrics})}),

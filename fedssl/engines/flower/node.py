@@ -1,9 +1,10 @@
-"""A client on its own node: its config, its data, its method object, what it keeps between messages.
+"""A client on its own node: its config, its data, its client role, what it keeps between messages.
 
 Everything here runs in the ClientApp (a Ray actor in simulation, a ``flwr-clientapp``
 process per message in a deployment) and reads nothing of the server's: the run's
 config arrives in a message (once per node, then cached in ``context.state``), the
-data is the node's own partition, and the method object is built from the config.
+data is the node's own partition, and the client role (the client side of the method only) is built from
+the config.
 
 Node config (``flower-supernode --node-config``; set by Flower itself in simulation):
 
@@ -32,11 +33,11 @@ from fedssl.engines.federation import Federation, load_federation, resolve_devic
 from fedssl.engines.flower.messages import TASK, from_record, to_record
 from fedssl.engines.flower.partitions import digest, partition_key, read_partition  # noqa: F401 (digest: re-exported)
 from fedssl.errors import FedSSLError
-from fedssl.methods import METHODS, build_method
-from fedssl.methods.base import Method, MethodContext, Payload
+from fedssl.methods import METHODS
+from fedssl.methods.base import FederatedClient, FederatedMethod, MethodContext, Payload
 
 CONFIG_STATE = "fedssl.config"  # context.state: the run's config (toml + hash), cached after its first message
-HELD_STATE = "fedssl.held"  # context.state: what a round-based client keeps (ClientResult.held)
+HELD_STATE = "fedssl.held"  # context.state: what a round-based client keeps (FederatedClient.kept)
 FAULTS = ("", "nan", "shape")
 
 
@@ -133,17 +134,21 @@ def _simulated_partition(cfg: RunConfig, partition_id: int) -> ImageData:
     return _federation(cfg).client_data(partition_id)
 
 
-# ------------------------------------------------------------------ the node's method
+# ------------------------------------------------------------------ the node's client role
 
 
-def client_method(cfg: RunConfig, info: DatasetInfo) -> Method:
-    """The method object this node trains with, built from the config alone (cached per config)."""
-    return _method(cfg, info)
+def client_role(cfg: RunConfig, info: DatasetInfo) -> FederatedClient:
+    """The client role this node trains with, built from the config alone (cached per config): the client side
+    of the method only, never its server state."""
+    return _client_role(cfg, info)
 
 
 @functools.lru_cache(maxsize=1)
-def _method(cfg: RunConfig, info: DatasetInfo) -> Method:
-    return build_method(MethodContext(cfg, info, resolve_device(cfg.device)))
+def _client_role(cfg: RunConfig, info: DatasetInfo) -> FederatedClient:
+    method = METHODS[cfg.method]
+    if not issubclass(method, FederatedMethod):
+        raise FedSSLError(f"{cfg.method} is not a round-based method; its clients take per-step messages")
+    return method.build_client(MethodContext(cfg, info, resolve_device(cfg.device)))
 
 
 # ------------------------------------------------------------------ what a client keeps between messages
