@@ -10,3 +10,6 @@ __version__ = "0.1.0"
 # kernels are correct and, for the narrow nets weak clients run, no slower. oneDNN reads this once, at its first
 # convolution, so setting it here (before any model runs) is enough; a value the user set is kept.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+# The method registry: config validation asks it for the method names and each method's rules.
+from fedssl import methods as _methods  # noqa: E402,F401

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedssl.config import METHOD_NAMES, RunConfig, load_toml, make_config
+from fedssl.config import RunConfig, load_toml, make_config, method_rules
 from fedssl.errors import FedSSLError
 from fedssl.resources import human_bytes, human_flops
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a (new or resumed) federated pre-training")
     run.add_argument("--config", help="a TOML preset, e.g. configs/cifar10/fedmoco.toml")
-    run.add_argument("--method", help=f"one of {', '.join(METHOD_NAMES)}")
+    run.add_argument("--method", help=f"one of {', '.join(method_rules().names)}")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--out", help="run directory to create (default runs/<method>-<dataset>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")

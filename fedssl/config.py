@@ -14,16 +14,12 @@ import json
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from fedssl.errors import ConfigError
 
-METHOD_NAMES = ("fedmoco", "fedmocov3", "fedsimclr", "fedbyol", "centralized", "mocosfl",
-                "lw-fedssl", "prog-fedssl", "fedmae")
-STAGED_METHODS = ("lw-fedssl", "prog-fedssl", "fedmae")  # methods that train stage by stage: they read [layerwise]
-CALIBRATED_METHODS = ("lw-fedssl", "prog-fedssl")  # methods that read [calibration] and [alignment]
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
@@ -218,9 +214,40 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     _check(value in choices, key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
+def check(ok: bool, key: str, message: str) -> None:
+    """ConfigError ``config key '<key>': <message>`` unless ``ok``: for the rules each method owns."""
+    _check(ok, key, message)
+
+
+class MethodRules(Protocol):
+    """What building and validating a config asks of the methods (``fedssl.methods`` registers its registry here
+    when it is imported, which ``import fedssl`` does: every method imports this module, so it cannot import them)."""
+
+    names: tuple[str, ...]
+
+    def default_model(self, method: str) -> Mapping[str, Any]:
+        """The method's default backbone: [model] settings for a config that sets no ``model.arch``."""
+
+    def validate(self, cfg: RunConfig) -> None:
+        """The method's own rules (ConfigError naming the key and the fix)."""
+
+
+_method_rules: list[MethodRules] = []
+
+
+def register_method_rules(rules: MethodRules) -> None:
+    _method_rules[:] = [rules]
+
+
+def method_rules() -> MethodRules:
+    if not _method_rules:
+        raise RuntimeError("no method registry: import fedssl (its package imports fedssl.methods) before configs")
+    return _method_rules[0]
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError for a value out of range; return cfg unchanged otherwise."""
-    _one_of(cfg.method, METHOD_NAMES, "method")
+    _one_of(cfg.method, method_rules().names, "method")
     _one_of(cfg.dataset, DATASET_NAMES, "dataset")
     _one_of(cfg.partition, PARTITION_NAMES, "partition")
     _one_of(cfg.optimizer, ("sgd", "adamw"), "optimizer")
@@ -230,8 +257,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of(cfg.model.stem, ("cifar", "imagenet"), "model.stem")
     _one_of(cfg.ssl.objective, OBJECTIVES, "ssl.objective")
     _one_of(cfg.ssl.augment, ("mocov2", "simclr", "byol"), "ssl.augment")
-    _check(2 <= cfg.clients <= 10_000 or cfg.method == "centralized", "clients",
-           f"{cfg.clients} is out of range; use 2 to 10000 clients")
     _check(cfg.alpha > 0, "alpha", f"{cfg.alpha} must be > 0 (smaller = more non-IID)")
     _check(cfg.classes_per_client >= 1, "classes_per_client", "must be >= 1")
     _check(cfg.shards_per_client >= 1, "shards_per_client", "must be >= 1")
@@ -265,14 +290,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.split.client_batch >= 1, "split.client_batch", "must be >= 1")
     _check(0 < cfg.split.clients_per_step <= 1, "split.clients_per_step", "must be in (0, 1]")
     _check(cfg.split.sync_every >= 1, "split.sync_every", "must be >= 1")
-    if cfg.method == "mocosfl":
-        _check(cfg.model.arch == "resnet", "model.arch", "mocosfl splits a ResNet; set model.arch = \"resnet\"")
-        _check(cfg.model.norm == "group", "model.norm", "mocosfl trains client-nets on per-client batches of a few "
-               "images, where BatchNorm statistics are wrong; set model.norm = \"group\"")
-        layers = 1 + sum(cfg.model.blocks_per_stage)
-        _check(cfg.split.cut < layers, "split.cut", f"{cfg.split.cut} leaves the server no layer of the {layers} "
-               f"(stem + blocks); choose 1 <= split.cut <= {layers - 1}")
-        _check(cfg.optimizer == "sgd", "optimizer", "mocosfl's stacked client optimizer is SGD; set optimizer = \"sgd\"")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
@@ -286,6 +303,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_staged(cfg)
     _validate_flower(cfg)
     _validate_mae(cfg)
+    method_rules().validate(cfg)
     return cfg
 
 
@@ -297,7 +315,7 @@ def _validate_flower(cfg: RunConfig) -> None:
 
 
 def _validate_staged(cfg: RunConfig) -> None:
-    """[layerwise], [calibration], [alignment]: ranges, and only for the methods that read them."""
+    """[layerwise], [calibration], [alignment]: ranges (which methods read them: the methods' own rules)."""
     lw, cal, al = cfg.layerwise, cfg.calibration, cfg.alignment
     _one_of(lw.objective, OBJECTIVES, "layerwise.objective")
     _one_of(cal.scope, ("model", "active"), "calibration.scope")
@@ -310,21 +328,10 @@ def _validate_staged(cfg: RunConfig) -> None:
     _check(cal.lr >= 0, "calibration.lr", "must be >= 0 (0 = the round's client learning rate)")
     _check(cal.batch_size == 0 or cal.batch_size >= 2, "calibration.batch_size", "must be 0 (= batch_size) or >= 2")
     _check(al.weight >= 0, "alignment.weight", "must be >= 0 (0 = off)")
-    if cfg.method not in CALIBRATED_METHODS:
-        _check(cal.aux_fraction == 0, "calibration.aux_fraction",
-               f"only {', '.join(CALIBRATED_METHODS)} calibrate on the server; set it to 0")
-        _check(al.weight == 0, "alignment.weight", f"only {', '.join(CALIBRATED_METHODS)} align; set it to 0")
-    if cfg.method not in STAGED_METHODS:
-        return
-    _check(not cfg.ssl.exchange_momentum, "ssl.exchange_momentum",
-           f"{cfg.method} re-copies the momentum branch each round and never sends it; set it to false")
-    from fedssl.stages import StageSchedule  # imported here: stages.py imports this module
-
-    StageSchedule.for_run(cfg)  # raises ConfigError naming the fix for rounds / schedule
 
 
 def _validate_mae(cfg: RunConfig) -> None:
-    """[mae]: ranges; fedmae needs a ViT whose patches the mask ratio leaves both visible and hidden."""
+    """[mae]: ranges (what fedmae needs of the backbone: its own rules)."""
     mae = cfg.mae
     _one_of(mae.cascade, CASCADES, "mae.cascade")
     _check(0 < mae.mask_ratio < 1, "mae.mask_ratio", f"{mae.mask_ratio} must be in (0, 1), e.g. 0.75")
@@ -334,16 +341,6 @@ def _validate_mae(cfg: RunConfig) -> None:
     _check(mae.decoder_heads >= 1 and mae.decoder_width % mae.decoder_heads == 0, "mae.decoder_heads",
            f"must divide mae.decoder_width = {mae.decoder_width}")
     _check(mae.pictures >= 0, "mae.pictures", "must be >= 0 (0 = no reconstruction pictures)")
-    if cfg.method != "fedmae":
-        return
-    _check(cfg.model.arch == "vit", "model.arch", "fedmae trains ViT blocks; set model.arch = \"vit\"")
-    if cfg.image_size:
-        _check(cfg.image_size % cfg.model.patch_size == 0, "model.patch_size",
-               f"{cfg.model.patch_size} does not divide image_size {cfg.image_size}; e.g. 16 for 224x224")
-        patches = (cfg.image_size // cfg.model.patch_size) ** 2
-        visible = int(patches * (1 - mae.mask_ratio))
-        _check(1 <= visible < patches, "mae.mask_ratio", f"{mae.mask_ratio} leaves {visible} of {patches} patches "
-               "visible; choose a ratio that keeps at least one patch visible and hides at least one")
 
 
 # ---------------------------------------------------------------- building
@@ -443,7 +440,17 @@ def make_config(base: Mapping[str, Any] | None = None, overrides: list[str] | tu
     for item in overrides:
         path, value = _parse_override(item)
         _merge(values, path, value)
+    _default_backbone(values)
     return validate(_build(RunConfig, values))
+
+
+def _default_backbone(values: dict[str, Any]) -> None:
+    """A config that names no ``model.arch`` gets the method's default backbone (its [model] keys, the user's win)."""
+    model = values.get("model", {})
+    method = values.get("method", RunConfig.method)
+    if not isinstance(model, dict) or "arch" in model or method not in method_rules().names:
+        return  # a malformed [model] or an unknown method: the validation names it
+    values["model"] = {**method_rules().default_model(method), **model}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -473,7 +480,3 @@ def dumps_toml(values: Mapping[str, Any]) -> str:
     sections = [f"\n[{k}]\n" + dumps_toml(v) for k, v in values.items() if isinstance(v, Mapping)]
     return "\n".join(scalars) + "\n" + "".join(sections)
 
-
-def with_updates(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """A validated copy of cfg with top-level fields replaced."""
-    return validate(replace(cfg, **changes))

@@ -8,8 +8,6 @@ update is NaN, corrupt and degenerate data, and every bad-config case of the com
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -19,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,21 @@ def _tiny(*overrides: str):
     return make_config(TINY, list(overrides))
 
 
-def _cli(argv: list[str]) -> tuple[int, str]:
-    """Run the command line in this process; its exit status and what it printed on stderr."""
-    from fedssl.cli import main
+def _cli_env() -> dict[str, str]:
+    """The environment of a ``fedssl`` process: this one's, with this very fedssl package first on the path."""
+    import fedssl
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = main(argv)
-    return status, err.getvalue().strip()
+    package_root = str(Path(fedssl.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    """Run the command line as a user would (``fedssl ARGS`` in a new process); its exit status and stderr."""
+    done = subprocess.run([sys.executable, "-m", "fedssl.cli", *argv], capture_output=True, text=True,
+                          env=_cli_env(), timeout=600, check=False)
+    return done.returncode, done.stderr.strip()
 
 
 def _comparable(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,8 +77,7 @@ def check_kill_and_resume(work: Path) -> Check:
             "--set=model.blocks_per_stage=[1,1]", "--set=ssl.proj_hidden=32", "--set=ssl.proj_dim=16",
             "--set=ssl.queue_size=64", "--set=eval.probe_epochs=5", "--set=eval.knn_k=20", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_cli_env())
     try:
         checkpoint = killed / "checkpoints" / "last.pt"
         deadline = time.time() + 300
@@ -219,7 +224,7 @@ BAD_CONFIGS: tuple[tuple[str, list[str]], ...] = (
     ("missing data directory", ["run", "--set", "dataset=cifar10", "--set", "data_dir=/nonexistent/data",
                                 "--set", "download=false"]),
     ("split cut that leaves the server no layer", ["run", "--method", "mocosfl", "--set", "split.cut=9"]),
-    ("FedMAE on a ResNet", ["run", "--method", "fedmae"]),
+    ("FedMAE on a ResNet", ["run", "--method", "fedmae", "--set", "model.arch=resnet"]),
     ("mask ratio of 1", ["run", "--method", "fedmae", "--set", "model.arch=vit", "--set", "mae.mask_ratio=1"]),
     ("stage schedule that does not sum to the rounds",
      ["run", "--method", "lw-fedssl", "--set", "model.arch=vit", "--set", "layerwise.schedule=[1,1]"]),
@@ -228,10 +233,13 @@ BAD_CONFIGS: tuple[tuple[str, list[str]], ...] = (
 
 
 def check_bad_configs(work: Path) -> list[Check]:
+    """Every bad-input case of the command line, each a ``fedssl`` process of its own (a few at a time)."""
+    outs = [work / f"bad-{i}" for i in range(len(BAD_CONFIGS))]
+    argvs = [argv + (["--out", str(out)] if argv[0] == "run" else []) for (_, argv), out in zip(BAD_CONFIGS, outs)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_cli, argvs))
     checks = []
-    for name, argv in BAD_CONFIGS:
-        out = work / f"bad-{len(checks)}"
-        status, err = _cli(argv + (["--out", str(out)] if argv[0] == "run" else []))
+    for (name, argv), out, (status, err) in zip(BAD_CONFIGS, outs, results):
         held = status == 2 and err.startswith("fedssl: error: ") and "\n" not in err and not out.exists()
         checks.append(Check(f"bad input: {name} (`fedssl {' '.join(argv)}`)", "one line naming the fix, exit 2, "
                             "no run directory", f"exit {status}: {err}", held))

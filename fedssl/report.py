@@ -236,13 +236,13 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
 
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
                   ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None) -> str:
+    from fedssl.methods import METHODS  # here: the registry imports every method
+
     head = (f"# fedssl run: {cfg.method} on {cfg.dataset}\n\n"
-            f"{cfg.clients if cfg.method != 'centralized' else 1} client(s), partition `{cfg.partition}` "
+            f"{1 if METHODS[cfg.method].pooled_data else cfg.clients} client(s), partition `{cfg.partition}` "
             f"(alpha {cfg.alpha}), {cfg.rounds} rounds, sample fraction {cfg.sample_fraction}, "
             f"backbone `{cfg.model.arch}` width {cfg.model.width}, seed {cfg.seed}. "
             "Accuracies are of the FINAL encoder (no selection on the test split).\n\n")
-    from fedssl.methods import METHODS  # here: the registry imports every method
-
     described = METHODS[cfg.method].describe(cfg)
     head += f"{described}\n\n" if described else ""
     plots = "## Curves\n\n![loss](plots/loss.png) ![kNN](plots/knn.png)\n\n"

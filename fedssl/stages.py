@@ -90,11 +90,6 @@ def unit_ends(encoder: Encoder) -> list[int]:
     return list(range(2, encoder.num_layers() + 1))
 
 
-def count_units(cfg: RunConfig) -> int:
-    """Units of the configured backbone without building it: ViT blocks or ResNet stages."""
-    return cfg.model.depth if cfg.model.arch == "vit" else len(cfg.model.blocks_per_stage)
-
-
 def stage_rounds(cfg: RunConfig, num_stages: int) -> tuple[int, ...]:
     """Rounds of each stage from ``layerwise.schedule`` / ``rounds_per_stage`` / an even split of ``rounds``."""
     lw = cfg.layerwise
@@ -156,15 +151,9 @@ class StageSchedule:
         return cls.build(_unit_ends_of(cfg, encoder), cfg.layerwise.blocks_per_stage, cfg=cfg, mode=mode)
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, encoder: Encoder | None = None) -> StageSchedule:
-        """The schedule a staged method runs, in its mode (``stage_mode``).
-
-        FedMAE's ``end-to-end`` cascade is ONE stage of every block over all rounds (the FedAvg of
-        the whole MAE it is compared with); the ``[layerwise]`` stage settings do not apply to it.
-        """
-        if cfg.method == "fedmae" and cfg.mae.cascade == "end-to-end":
-            return cls((_unit_ends_of(cfg, encoder)[-1],), (cfg.rounds,), "layerwise")
-        return cls.from_config(cfg, encoder, mode=stage_mode(cfg))
+    def single(cls, cfg: RunConfig, encoder: Encoder | None = None) -> StageSchedule:
+        """ONE stage of every unit over all rounds (end-to-end training; ``[layerwise]`` does not apply)."""
+        return cls((_unit_ends_of(cfg, encoder)[-1],), (cfg.rounds,), "layerwise")
 
     @property
     def num_stages(self) -> int:
@@ -199,15 +188,6 @@ class StageSchedule:
         """Fraction of its stage done before ``round_index``: 0 at a stage's first round (per-stage LR schedule)."""
         s = self.stage_index(round_index)
         return (round_index - self.first_round(s)) / self.stage_rounds[s]
-
-
-def stage_mode(cfg: RunConfig) -> str:
-    """``progressive`` for Prog-FedSSL, ``independent`` for FedMAE's independent cascade, else ``layerwise``."""
-    if cfg.method == "prog-fedssl":
-        return "progressive"
-    if cfg.method == "fedmae" and cfg.mae.cascade == "independent":
-        return "independent"
-    return "layerwise"
 
 
 def _unit_ends_of(cfg: RunConfig, encoder: Encoder | None) -> list[int]:
@@ -305,11 +285,6 @@ def run_frozen(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
 def forward_frozen(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
     """The stage's frozen layers without grad: (N, C, H, W) -> the first active layer's input."""
     return run_frozen([encoder.layers[i] for i in stage.frozen], x)
-
-
-def forward_staged(encoder: Encoder, x: Tensor, stage: Stage) -> Tensor:
-    """Frozen layers without autograd, then the active ones with it: (N, C, H, W) -> output of layer depth-1."""
-    return encoder.run_layers(forward_frozen(encoder, x, stage), stage.first_active, stage.depth)
 
 
 def make_adapter(in_dim: int, out_dim: int) -> nn.Module:
@@ -430,7 +405,7 @@ def encoder_at(backbone: Encoder, depth: int) -> Encoder:
 
 
 __all__ = [
-    "LayerVersions", "MODES", "Stage", "StageSchedule", "StagedEncoder", "StagedModel", "TruncatedEncoder", "count_units", "encoder_at",
-    "forward_frozen", "forward_staged", "layer_prefixes", "make_adapter", "run_frozen", "select_state",
-    "set_trainable", "stage_mode", "stage_rounds", "unit_ends",
+    "LayerVersions", "MODES", "Stage", "StageSchedule", "StagedEncoder", "StagedModel", "TruncatedEncoder", "encoder_at",
+    "forward_frozen", "layer_prefixes", "make_adapter", "run_frozen", "select_state", "set_trainable", "stage_rounds",
+    "unit_ends",
 ]

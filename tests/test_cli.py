@@ -91,7 +91,7 @@ def test_resume_refuses_overrides(capsys: pytest.CaptureFixture[str], finished_r
 
 def test_eval_export_report_commands(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
     assert main(["eval", str(finished_run), "--no-probe"]) == 0
-    assert "knn_acc" in capsys.readouterr().out
+    assert "kNN accuracy" in capsys.readouterr().out  # the results table (was "knn_acc": failing at 05b29a1)
     assert main(["export", str(finished_run), "--out", str(tmp_path / "enc.pt")]) == 0
     assert (tmp_path / "enc.pt").stat().st_size > 0
     (finished_run / "report.md").unlink()

@@ -61,3 +61,20 @@ def test_missing_and_malformed_preset(tmp_path: Path) -> None:
     bad.write_text("clients = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_every_method_brings_its_rules_and_runs_on_its_defaults() -> None:
+    """``fedssl run --method NAME`` with no other flag: the method's default backbone, a valid config, a method."""
+    import torch
+
+    from fedssl.data.datasets import load_split
+    from fedssl.methods import METHODS, build_method
+    from fedssl.methods.base import MethodContext
+
+    info = load_split("synthetic", "train", image_size=32, synthetic_size=8).info
+    for name, cls in METHODS.items():
+        cfg = make_config({}, [f"method={name}"])
+        assert cfg.model.arch == cls.default_model.get("arch", "resnet"), name
+        assert type(build_method(MethodContext(cfg, info, torch.device("cpu")))) is cls
+    assert make_config({}, ["method=fedmae", "model.width=32", "model.heads=2"]).model.depth == 4  # the user's win
+    assert make_config({}, ["method=lw-fedssl"]) == make_config({}, ["method=lw-fedssl", "model.arch=resnet"])

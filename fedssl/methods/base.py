@@ -14,15 +14,17 @@ import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, check
 from fedssl.data.augment import TwoViewAugment
 from fedssl.data.datasets import DatasetInfo, ImageData
-from fedssl.models.encoder import Encoder, build_encoder
+from fedssl.models.backbones import build_encoder
+from fedssl.models.encoder import Encoder
 from fedssl.models.ssl import SSLModel, build_ssl_model
 from fedssl.resources import StepCost, measure_step
 from fedssl.training import Augment, derive_seed, make_optimizer, ssl_step
@@ -88,14 +90,23 @@ class ReferenceCost:
 
 
 class Method(ABC):
-    """What every method offers the engines: the global encoder, resumable state, a measured client step."""
+    """What every method offers the engines: the global encoder, resumable state, a measured client step;
+    and its own rules: what it accepts of a config, its default backbone, what it reads."""
 
     name: ClassVar[str]
     pooled_data: ClassVar[bool] = False  # True: one participant holds all data (the centralized ceiling)
+    calibrates: ClassVar[bool] = False  # reads [calibration] and [alignment] (server calibration, alignment)
+    default_model: ClassVar[Mapping[str, Any]] = {}  # [model] settings when a config sets no model.arch
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        """The method's own rules on a config whose values are each in range (ConfigError naming key and fix)."""
+        if not cls.pooled_data:
+            check(2 <= cfg.clients <= 10_000, "clients", f"{cfg.clients} is out of range; use 2 to 10000 clients")
 
     @classmethod
     def aux_fraction(cls, cfg: RunConfig) -> float:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, check
 from fedssl.data.augment import MaskedViewAugment
 from fedssl.data.datasets import ImageData
 from fedssl.methods.base import MethodContext, build_backbone
 from fedssl.methods.layerwise import StagedFedSSL
+from fedssl.models.encoder import Encoder
 from fedssl.models.mae import MaskedAutoencoder
 from fedssl.reconstructions import save_reconstructions
 from fedssl.stages import StagedEncoder, StageSchedule
@@ -41,11 +42,39 @@ PICTURE_SEED = 0xFAE  # the same patches are hidden in every stage's pictures
 class FedMAE(StagedFedSSL):
     name = "fedmae"
     figures_title = "Reconstructions at the end of each stage: masked input / reconstruction / original"
+    calibrates = False
+    default_model = {"arch": "vit", "width": 64, "depth": 4, "heads": 4, "patch_size": 4}  # configs/cifar10/fedmae.toml
+
+    @classmethod
+    def mode_of(cls, cfg: RunConfig) -> str:
+        """``independent``: every block trains on the stem's output alone; else block k on the frozen 1..k-1."""
+        return "independent" if cfg.mae.cascade == "independent" else "layerwise"
+
+    @classmethod
+    def schedule_for(cls, cfg: RunConfig, encoder: Encoder | None = None) -> StageSchedule:
+        """``end-to-end``: ONE stage of every block over all rounds (the FedAvg of the whole MAE it is compared
+        with; the ``[layerwise]`` stage settings do not apply to it)."""
+        if cfg.mae.cascade == "end-to-end":
+            return StageSchedule.single(cfg, encoder)
+        return super().schedule_for(cfg, encoder)
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        """A ViT whose patches the mask ratio leaves both visible and hidden."""
+        check(cfg.model.arch == "vit", "model.arch", "fedmae trains ViT blocks; set model.arch = \"vit\"")
+        if cfg.image_size:
+            check(cfg.image_size % cfg.model.patch_size == 0, "model.patch_size",
+                  f"{cfg.model.patch_size} does not divide image_size {cfg.image_size}; e.g. 16 for 224x224")
+            patches = (cfg.image_size // cfg.model.patch_size) ** 2
+            visible = int(patches * (1 - cfg.mae.mask_ratio))
+            check(1 <= visible < patches, "mae.mask_ratio", f"{cfg.mae.mask_ratio} leaves {visible} of {patches} "
+                  "patches visible; choose a ratio that keeps at least one patch visible and hides at least one")
+        super().validate(cfg)
 
     @classmethod
     def build_model(cls, ctx: MethodContext) -> MaskedAutoencoder:  # type: ignore[override]
         backbone = build_backbone(ctx)
-        schedule = StageSchedule.for_run(ctx.cfg, backbone)
+        schedule = cls.schedule_for(ctx.cfg, backbone)
         model = MaskedAutoencoder(StagedEncoder(backbone, schedule.stage_ends), ctx.cfg.ssl, ctx.cfg.mae)
         model.set_stage(schedule.stage(0))
         return model.to(ctx.device)
@@ -57,7 +86,7 @@ class FedMAE(StagedFedSSL):
 
     @classmethod
     def describe(cls, cfg: RunConfig) -> str:
-        schedule, mae = StageSchedule.for_run(cfg), cfg.mae
+        schedule, mae = cls.schedule_for(cfg), cfg.mae
         stages = ("one stage: FedAvg of the whole MAE" if mae.cascade == "end-to-end" else
                   f"{schedule.num_stages} stages of {cfg.layerwise.blocks_per_stage} block(s)")
         return (f"FedMAE, {mae.cascade} cascade ({stages}), rounds per stage {list(schedule.stage_rounds)}; mask ratio "

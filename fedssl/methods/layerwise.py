@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, check
 from fedssl.data.datasets import ImageData
 from fedssl.losses import cosine_distance, mse_distance
 from fedssl.methods.base import MethodContext, Payload, ReferenceCost, build_backbone, measure_ssl_step
@@ -131,7 +131,7 @@ class StagedClient(FedAvgClient):
 
     def __init__(self, ctx: MethodContext, method: type[FedAvgSSL]) -> None:
         super().__init__(ctx, method)
-        self.schedule = StageSchedule.for_run(ctx.cfg, self.worker.encoder.backbone)  # type: ignore[arg-type]
+        self.schedule = method.schedule_for(ctx.cfg, self.worker.encoder.backbone)  # type: ignore[attr-defined]
         self.stage = self.schedule.stage(0)
         self.reference = copy.deepcopy(self.worker.encoder) if ctx.cfg.alignment.weight else None
         if self.reference is not None:
@@ -177,11 +177,30 @@ class StagedFedSSL(FedAvgSSL):
     """FedAvg of a stage-wise SSL model; the schedule's mode is the method's (``stage_mode``)."""
 
     client_class = StagedClient
+    calibrates = True
+    stage_mode: ClassVar[str] = "layerwise"  # see fedssl.stages: which built layers train in a stage
+
+    @classmethod
+    def mode_of(cls, cfg: RunConfig) -> str:
+        """The stage mode of a run of this method."""
+        return cls.stage_mode
+
+    @classmethod
+    def schedule_for(cls, cfg: RunConfig, encoder: Encoder | None = None) -> StageSchedule:
+        """The stage schedule of a run (without an encoder: from the configured backbone, not built)."""
+        return StageSchedule.from_config(cfg, encoder, mode=cls.mode_of(cfg))
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        super().validate(cfg)
+        check(not cfg.ssl.exchange_momentum, "ssl.exchange_momentum",
+              f"{cls.name} re-copies the momentum branch each round and never sends it; set it to false")
+        cls.schedule_for(cfg)  # raises ConfigError naming the fix for rounds / schedule
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.backbone = self.global_model.encoder.backbone  # type: ignore[union-attr]
-        self.schedule = StageSchedule.for_run(self.cfg, self.backbone)
+        self.schedule = self.schedule_for(self.cfg, self.backbone)
         self.stage = self.schedule.stage(0)
         self.rounds_entered = 0  # the round whose stage is in force (for encoder() and resume)
         self.versions = LayerVersions(self.backbone.num_layers())  # who must download which frozen layer
@@ -198,14 +217,14 @@ class StagedFedSSL(FedAvgSSL):
 
     @classmethod
     def describe(cls, cfg: RunConfig) -> str:
-        return describe_run(cfg)
+        return describe_run(cfg, cls.schedule_for(cfg))
 
     # ------------------------------------------------------------ stages
 
     @classmethod
     def build_model(cls, ctx: MethodContext) -> SSLModel:
         backbone = build_backbone(ctx)
-        schedule = StageSchedule.for_run(ctx.cfg, backbone)
+        schedule = cls.schedule_for(ctx.cfg, backbone)
         return build_staged_model(cls.objective_of(ctx.cfg), backbone, schedule, ctx.cfg).to(ctx.device)
 
     def enter_round(self, round_index: int) -> Stage:
@@ -334,16 +353,21 @@ class StagedFedSSL(FedAvgSSL):
 
 
 class LWFedSSL(StagedFedSSL):
+    """LW-FedSSL: each stage trains and exchanges only its new layers; the earlier ones are frozen."""
+
     name = "lw-fedssl"
+    stage_mode = "layerwise"
 
 
 class ProgFedSSL(StagedFedSSL):
+    """Prog-FedSSL: each stage trains and exchanges every layer built so far."""
+
     name = "prog-fedssl"
+    stage_mode = "progressive"
 
 
-def describe_run(cfg: RunConfig) -> str:
+def describe_run(cfg: RunConfig, schedule: StageSchedule) -> str:
     """One sentence for a run's report: the stages and whether calibration / alignment were used."""
-    schedule = StageSchedule.for_run(cfg)
     cal, al = cfg.calibration, cfg.alignment
     calibration = (f"on ({100 * cal.aux_fraction:g}% of the training split held out for the server, {cal.steps} "
                    f"steps per round, scope {cal.scope})") if cal.aux_fraction > 0 else "off"

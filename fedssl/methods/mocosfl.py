@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedssl.config import RunConfig, check
 from fedssl.data.datasets import ImageData
-from fedssl.errors import ConfigError
 from fedssl.methods.base import MethodContext, Payload, build_backbone
 from fedssl.methods.mocosfl_client import MocoSFLClients, check_cut, effective_split  # noqa: F401 (re-exported)
 from fedssl.methods.mocosfl_server import MocoSFLServer, banked_info_nce  # noqa: F401 (re-exported)
@@ -42,12 +42,21 @@ from fedssl.resources import StepCost, measure_step
 class MocoSFL(SplitMethod):
     name = "mocosfl"
 
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        """A ResNet with GroupNorm, cut so that the server holds a layer; the stacked client optimizer is SGD."""
+        super().validate(cfg)
+        check(cfg.model.arch == "resnet", "model.arch", "mocosfl splits a ResNet; set model.arch = \"resnet\"")
+        check(cfg.model.norm == "group", "model.norm", "mocosfl trains client-nets on per-client batches of a few "
+              "images, where BatchNorm statistics are wrong; set model.norm = \"group\"")
+        layers = 1 + sum(cfg.model.blocks_per_stage)
+        check(cfg.split.cut < layers, "split.cut", f"{cfg.split.cut} leaves the server no layer of the {layers} "
+              f"(stem + blocks); choose 1 <= split.cut <= {layers - 1}")
+        check(cfg.optimizer == "sgd", "optimizer", "mocosfl's stacked client optimizer is SGD; set optimizer = \"sgd\"")
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
-        if cfg.model.arch != "resnet" or cfg.model.norm != "group":
-            raise ConfigError("mocosfl needs a ResNet with GroupNorm (per-client batches can be 1 image): "
-                              "set model.arch = \"resnet\" and model.norm = \"group\"")
         self.num_clients = cfg.clients
         self.split = effective_split(cfg.split, cfg.clients)
         self.cut = cfg.split.cut

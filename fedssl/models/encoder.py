@@ -12,7 +12,7 @@ so ``forward_from(forward_to(x, k), k) == forward(x)`` for every ``k`` in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -81,38 +81,6 @@ class Encoder(nn.Module):
         return self.forward_from(x, 0)
 
 
-EncoderBuilder = Callable[..., Encoder]
-
-
-# The builders import their module on call: resnet.py and vit.py import this module for the base class.
-def _build_resnet(**kwargs: Any) -> Encoder:
-    from fedssl.models.resnet import build_resnet
-
-    return build_resnet(**kwargs)
-
-
-def _build_vit(**kwargs: Any) -> Encoder:
-    from fedssl.models.vit import build_vit
-
-    return build_vit(**kwargs)
-
-
-ARCHS: dict[str, EncoderBuilder] = {"resnet": _build_resnet, "vit": _build_vit}
-
-
-def build_encoder(arch: str, *, in_channels: int, image_size: int, **kwargs: Any) -> Encoder:
-    """Build a registered backbone from ``ARCHS``.
-
-    Example: ``build_encoder("vit", in_channels=3, image_size=32, preset="tiny", patch_size=4)``.
-    """
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}: choose one of {sorted(ARCHS)}.")
-    return ARCHS[arch](in_channels=in_channels, image_size=image_size, **kwargs)
-
-
-__all__ = ["ARCHS", "Encoder", "build_encoder"]
-
-
 def preset_kwargs(arch: str, presets: dict[str, dict[str, Any]], preset: str | None,
                   overrides: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments: the named preset's (if any), then ``overrides`` on top."""
@@ -123,3 +91,6 @@ def preset_kwargs(arch: str, presets: dict[str, dict[str, Any]], preset: str | N
         config.update(presets[preset])
     config.update(overrides)
     return config
+
+
+__all__ = ["Encoder", "preset_kwargs"]

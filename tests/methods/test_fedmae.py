@@ -141,8 +141,9 @@ def test_independent_clients_hold_one_block_and_end_to_end_trains_every_block() 
     e2e, _ = build(mae_config("mae.cascade=end-to-end"))
     assert e2e.schedule.num_stages == 1 and e2e.schedule.stage_rounds == (6,)
     assert {k.split(".")[3] for k in e2e.download(0, 0) if k.startswith("encoder.backbone.layers.")} == {"0", "1", "2", "3"}
+    assert make_config({}, ["method=fedmae"]).model.arch == "vit"  # its default backbone
     with pytest.raises(ConfigError, match="set model.arch"):
-        make_config({}, ["method=fedmae"])
+        make_config({}, ["method=fedmae", "model.arch=resnet"])
     with pytest.raises(ConfigError, match="mae.mask_ratio"):
         mae_config("mae.mask_ratio=1.0")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedssl.errors import ConfigError
-from fedssl.models.encoder import ARCHS, build_encoder
+from fedssl.models.backbones import ARCHS, build_encoder
 from fedssl.models.resnet import ResNet, WSConv2d, group_norm_groups, resnet_param_count
 
 

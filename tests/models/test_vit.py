@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedssl.errors import ConfigError
-from fedssl.models.encoder import build_encoder
+from fedssl.models.backbones import build_encoder
 from fedssl.models.vit import (
     VIT_PRESETS, VisionTransformer, patchify, sincos_pos_embed_2d, unpatchify, vit_block_flops,
     vit_flops_per_image, vit_param_count,
