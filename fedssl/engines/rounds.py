@@ -120,34 +120,10 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
 
     results: list[ClientResult] = []
     for reply in exchange(round_index, downloads()):
-        client, down = reply.client, sent[reply.client]
         wired = wired or reply.wire_down is not None
-        counts["wire_down"] += reply.wire_down or 0
-        ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=down, **_wire(reply, "down"))
-        if reply.result is None:
-            counts["failed"] += 1
-            method.client_lost(client)
-            note(observer, f"round {round_index + 1}: client {client} failed ({reply.failure}); "
-                            "left out of the aggregation")
-            observer.client_done(round_index, client, {"bytes_down": down, "failed": 1})
-            continue
-        result = reply.result
-        up = payload_bytes(result.upload)
-        counts["up"] += up
-        counts["wire_up"] += reply.wire_up or 0
-        problem = check_upload(result.upload, method.expected_upload(round_index), result.num_samples)
-        ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up, samples=result.num_samples,
-                      steps=int(result.metrics.get("steps", 0)), **_wire(reply, "up"),
-                      **({"rejected": 1} if problem else {}))
-        if problem:
-            counts["rejected"] += 1
-            method.client_lost(client)
-            note(observer, f"round {round_index + 1}: rejected the upload of client {client} ({problem}); "
-                            "never averaged in")
-            observer.client_done(round_index, client, {"bytes_down": down, "bytes_up": up, "rejected": 1})
-            continue
-        results.append(result)
-        observer.client_done(round_index, client, {**result.metrics, "bytes_up": up, "bytes_down": down})
+        result = _take(method, round_index, reply, sent[reply.client], counts, ledger, observer)
+        if result is not None:
+            results.append(result)
     results.sort(key=lambda r: r.client_id)  # the aggregation's float sums in one order, whatever the arrivals
     if results:
         method.aggregate(round_index, results)
@@ -161,3 +137,34 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
         row.update(wire_up=counts["wire_up"], wire_down=counts["wire_down"])
     return row
 
+
+def _take(method: FederatedMethod, round_index: int, reply: Reply, down: int, counts: dict[str, int], ledger: Ledger,
+          observer: Observer) -> ClientResult | None:
+    """Record one reply (ledger, counts, observer); its result if it may be aggregated, else None (and why)."""
+    client = reply.client
+    counts["wire_down"] += reply.wire_down or 0
+    ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=down, **_wire(reply, "down"))
+    if reply.result is None:
+        counts["failed"] += 1
+        method.client_lost(client)
+        note(observer, f"round {round_index + 1}: client {client} failed ({reply.failure}); "
+                        "left out of the aggregation")
+        observer.client_done(round_index, client, {"bytes_down": down, "failed": 1})
+        return None
+    result = reply.result
+    up = payload_bytes(result.upload)
+    counts["up"] += up
+    counts["wire_up"] += reply.wire_up or 0
+    problem = check_upload(result.upload, method.expected_upload(round_index), result.num_samples)
+    ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up, samples=result.num_samples,
+                  steps=int(result.metrics.get("steps", 0)), **_wire(reply, "up"),
+                  **({"rejected": 1} if problem else {}))
+    if problem:
+        counts["rejected"] += 1
+        method.client_lost(client)
+        note(observer, f"round {round_index + 1}: rejected the upload of client {client} ({problem}); "
+                        "never averaged in")
+        observer.client_done(round_index, client, {"bytes_down": down, "bytes_up": up, "rejected": 1})
+        return None
+    observer.client_done(round_index, client, {**result.metrics, "bytes_up": up, "bytes_down": down})
+    return result

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.config import RunConfig
-from fedssl.errors import DataError, FedSSLError
+from fedssl.errors import FedSSLError
 from fedssl.engines.flower.partitions import (IMAGES_FILE, PARTITION_FILE, check_partition_dir,  # noqa: F401
                                             digest, partition_key)
 from fedssl.io import atomic_write_bytes, atomic_write_text
