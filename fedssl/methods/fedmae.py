@@ -32,8 +32,9 @@ from fedssl.methods.base import MethodContext, build_backbone
 from fedssl.methods.layerwise import StagedFedSSL
 from fedssl.models.encoder import Encoder
 from fedssl.models.mae import MaskedAutoencoder
+from fedssl.models.staged import StagedEncoder
 from fedssl.reconstructions import save_reconstructions
-from fedssl.stages import StagedEncoder, StageSchedule
+from fedssl.stages import StageSchedule
 from fedssl.training import Augment, derive_seed
 
 PICTURE_SEED = 0xFAE  # the same patches are hidden in every stage's pictures

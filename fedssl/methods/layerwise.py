@@ -36,9 +36,9 @@ from fedssl.methods.fedavg import FedAvgClient, FedAvgSSL
 from fedssl.models.encoder import Encoder
 from fedssl.models.momentum import copy_weights, deactivate_requires_grad
 from fedssl.models.ssl import SSL_MODELS, SSLModel
+from fedssl.models.staged import StagedEncoder, StagedModel, encoder_at
 from fedssl.resources import StepCost, payload_bytes
-from fedssl.stages import (LayerVersions, Stage, StagedEncoder, StagedModel, StageSchedule, encoder_at, layer_prefixes,
-                           select_state)
+from fedssl.stages import LayerVersions, Stage, StageSchedule, layer_prefixes, select_state
 from fedssl.training import LocalStats, derive_seed, make_optimizer, train_local
 
 DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cosine": cosine_distance, "mse": mse_distance}

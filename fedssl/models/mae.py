@@ -1,7 +1,7 @@
 """A masked auto-encoder over a stage-wise ViT: what a FedMAE client trains.
 
 At stage k the encoder part is the ViT's ``[patch_embed, block1, ..., block_k+1]``
-seen through a :class:`~fedssl.stages.StagedEncoder`: the patch embedding and the
+seen through a :class:`~fedssl.models.staged.StagedEncoder`: the patch embedding and the
 frozen blocks run without grad, the stage's new block trains. Three readable steps,
 as in MAE (He et al. 2022):
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fedssl.config import MAEConfig, SSLConfig
 from fedssl.losses import masked_patch_mse
 from fedssl.models.vit import init_vit_weights, make_block, patchify, sincos_pos_embed_2d
-from fedssl.stages import StagedEncoder, StagedModel, run_frozen
+from fedssl.models.staged import StagedEncoder, StagedModel, run_frozen
 
 
 def visible_count(num_patches: int, mask_ratio: float) -> int:

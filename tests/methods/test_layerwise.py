@@ -14,7 +14,8 @@ from fedssl.methods import layerwise
 from fedssl.methods.base import ClientResult, MethodContext
 from fedssl.methods.layerwise import LWFedSSL, ProgFedSSL, StagedFedSSL
 from fedssl.resources import payload_bytes
-from fedssl.stages import StageSchedule, encoder_at
+from fedssl.models.staged import encoder_at
+from fedssl.stages import StageSchedule
 from tests.helpers import tiny_config
 
 VIT = ("threads=1", "model.arch=vit", "model.width=16", "model.depth=3", "model.heads=2", "model.patch_size=8")
