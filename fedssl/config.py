@@ -3,22 +3,21 @@
 A config is built from (in order) the dataclass defaults, an optional TOML
 preset, and ``--set key=value`` overrides with dotted keys (``model.width=32``).
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` with a
-message that names the key and the fix.
+message that names the key and the fix. Each method's own rules (and its default
+backbone) come from the method registry (:func:`method_rules`); reading and writing
+TOML is ``fedssl.config_io``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from fedssl.errors import ConfigError
+from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_override,  # noqa: F401 (re-exported)
+                              to_dict)
+from fedssl.config_io import check as _check
 
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
@@ -205,18 +204,8 @@ class RunConfig:
 # ---------------------------------------------------------------- validation
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     _check(value in choices, key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
-
-
-def check(ok: bool, key: str, message: str) -> None:
-    """ConfigError ``config key '<key>': <message>`` unless ``ok``: for the rules each method owns."""
-    _check(ok, key, message)
 
 
 class MethodRules(Protocol):
@@ -343,91 +332,7 @@ def _validate_mae(cfg: RunConfig) -> None:
     _check(mae.pictures >= 0, "mae.pictures", "must be >= 0 (0 = no reconstruction pictures)")
 
 
-# ---------------------------------------------------------------- building
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a TOML / --set value to the field's declared type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        _check(False, key, f"expects true or false, got {value!r}")
-    if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expects an integer, got {value!r}")
-        return value
-    if annotation is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expects a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        _check(isinstance(value, str), key, f"expects a string, got {value!r}")
-        return value
-    if origin is tuple:
-        _check(isinstance(value, (list, tuple)), key, f"expects a list such as [2, 2, 2, 2], got {value!r}")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(v, item_type, key) for v in value)
-    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional fields yet
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type")  # pragma: no cover
-
-
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    for name in values:
-        if name not in known:
-            where = f"section [{prefix.rstrip('.')}]" if prefix else "the top level"
-            raise ConfigError(
-                f"unknown config key '{prefix}{name}' in {where}; valid keys: {', '.join(sorted(known))}")
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        hint = hints[f.name]
-        key = prefix + f.name
-        if is_dataclass(hint):
-            _check(isinstance(values[f.name], Mapping), key, "is a section; set its keys as "
-                   f"{key}.<name>=value")
-            kwargs[f.name] = _build(hint, values[f.name], key + ".")
-        else:
-            kwargs[f.name] = _coerce(values[f.name], hint, key)
-    return cls(**kwargs)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=3`` -> (["a", "b"], 3); values are TOML literals, bare words are strings."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value; write e.g. --set clients=100")
-    key, raw = item.split("=", 1)
-    key, raw = key.strip(), raw.strip()
-    if not key:
-        raise ConfigError(f"override {item!r} has no key; write e.g. --set clients=100")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
-    node = base
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a preset; a missing or malformed file is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing preset, e.g. configs/cifar10/fedmoco.toml")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid TOML ({err}); fix the line it names") from None
+# ---------------------------------------------------------------- building (parsing and writing: fedssl.config_io)
 
 
 def make_config(base: Mapping[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -438,10 +343,10 @@ def make_config(base: Mapping[str, Any] | None = None, overrides: list[str] | tu
         if value is not None:
             values[key] = value
     for item in overrides:
-        path, value = _parse_override(item)
-        _merge(values, path, value)
+        path, value = parse_override(item)
+        merge(values, path, value)
     _default_backbone(values)
-    return validate(_build(RunConfig, values))
+    return validate(build(RunConfig, values))
 
 
 def _default_backbone(values: dict[str, Any]) -> None:
@@ -453,30 +358,8 @@ def _default_backbone(values: dict[str, Any]) -> None:
     values["model"] = {**method_rules().default_model(method), **model}
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict (tuples as lists) of a config dataclass."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def config_hash(cfg: RunConfig) -> str:
     """A short stable digest of everything that changes what a run computes."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
-
-def dumps_toml(values: Mapping[str, Any]) -> str:
-    """Write a nested dict of scalars / lists / sections as TOML (the subset configs use)."""
-    def literal(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(literal(x) for x in v) + "]"
-        raise ConfigError(f"cannot write {v!r} as TOML")
-
-    scalars = [f"{k} = {literal(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
-    sections = [f"\n[{k}]\n" + dumps_toml(v) for k, v in values.items() if isinstance(v, Mapping)]
-    return "\n".join(scalars) + "\n" + "".join(sections)
 
