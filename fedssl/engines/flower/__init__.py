@@ -2,9 +2,12 @@
 
 - ``server_app.py`` / ``client_app.py``: the Flower app (``flwr run .``), thin;
 - ``messages.py``: payloads <-> records, message types, bytes on the wire;
-- ``server.py``: nodes, messages out and replies in within a timeout, the round runner;
-- ``node.py``: a client on its own node (config, data, method, what it keeps);
-- ``split.py``: MocoSFL's per-step exchange (forward / backward / sync messages);
+- ``link.py``: messages between the server and the nodes by client, replies within a timeout;
+- ``server.py``: which runs Flower takes, and the rounds over the Grid (the shared round drivers with
+  Flower's exchanges);
+- ``node.py``: a client on its own node (config, data, client role, what it keeps);
+- ``split.py``: the split protocol's tensors <-> forward / backward / sync / average messages;
+- ``partitions.py``: a client's own data folder;
 - ``runs.py``: runs in simulation (``fedssl run --engine flower``) and deployment;
 - ``deploy.py``: credentials, per-client data, SuperLink / SuperNode launchers.
 """
