@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fedssl.config import SplitConfig
@@ -136,8 +135,3 @@ class SplitMethod(Method):
             self.holds_latest.zero_()
         else:
             self.holds_latest[client_id] = False
-
-
-def nets_like(payload: Payload) -> Payload:
-    """Empty tensors of the payload's shapes and dtypes (what a check compares against)."""
-    return {k: torch.empty(v.shape, dtype=v.dtype) for k, v in payload.items()}
