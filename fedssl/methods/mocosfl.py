@@ -128,4 +128,4 @@ class MocoSFL(SplitMethod):
         self.server.load_state_dict(state["server"])
         self.clients.load_state_dict(state)
         self.holds_latest.copy_(state["holds_latest"])
-        self.version = int(state["version"])
+        self.version = int(state.get("version", 0))  # older checkpoints: 0 (a resumed Flower run re-sends the nets)
