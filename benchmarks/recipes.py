@@ -46,6 +46,7 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
     "steps": [
         ("6 rounds x 1 epoch, batch 64", []),
         ("batch 32 (2x steps, same epochs)", ["batch_size=32"]),
+        ("batch 16 (4x steps, same epochs)", ["batch_size=16"]),
         ("3 rounds x 2 epochs (same steps, fewer averagings)", ["rounds=3", "local_epochs=2"]),
         ("12 rounds x 1 epoch (2x steps and epochs)", ["rounds=12"]),
     ],

@@ -305,6 +305,16 @@ def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
     return result
 
 
+def evaluate_baselines(cfg: RunConfig) -> dict[str, Any]:
+    """Without training: the random-init encoder of the config's FINAL architecture and raw pixels, scored as every
+    run scores its encoder (``baseline_evaluation``)."""
+    device = resolve_device(cfg.device)
+    with torch_threads(cfg.threads):
+        fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+        method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
+        return baseline_split(baseline_evaluation(method, fed, cfg, device))
+
+
 def baseline_split(initial: dict[str, Any]) -> dict[str, Any]:
     """``baseline_evaluation``'s dict as ``{"random_init": {...}, "pixels": {...}}``."""
     return {"random_init": {k: v for k, v in initial.items() if k != "pixels"}, "pixels": initial["pixels"]}
