@@ -187,10 +187,12 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import export_run
+    from fedssl.export import LOADERS, format_of
 
     shape = export_run(args.run_dir, args.out)
-    console.print(f"wrote {args.out}: TorchScript, input {shape} float in [0, 1] -> features; "
-                  "load with torch.jit.load")
+    fmt = format_of(args.out)
+    console.print(f"wrote {args.out}: {fmt}, input (N, {', '.join(map(str, shape))}) float in [0, 1] -> features; "
+                  f"load with {LOADERS[fmt]}")
     return 0
 
 
@@ -240,9 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help="AdamW learning rate (default: the run's eval.finetune_lr)")
     ft.set_defaults(func=cmd_finetune)
 
-    ex = sub.add_parser("export", help="write the final encoder as a TorchScript module")
+    from fedssl.export import EXPORT_SUFFIX, LOADERS
+
+    ex = sub.add_parser("export", help="write the final encoder as a module that loads with torch alone",
+                        description="Write a finished run's final encoder: [0, 1] images (N, C, H, W) at the "
+                                    "training resolution in, features (N, D) out, normalisation inside. The suffix "
+                                    f"of --out picks the format: {EXPORT_SUFFIX} = torch.export (load with "
+                                    f"{LOADERS['torch.export']}), any other = TorchScript (load with "
+                                    f"{LOADERS['TorchScript']}).")
     ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True, help="file to write, e.g. encoder.pt")
+    ex.add_argument("--out", required=True, help=f"file to write: encoder.pt (TorchScript) or encoder{EXPORT_SUFFIX} "
+                                                 "(torch.export)")
     ex.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")

@@ -7,9 +7,11 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedssl.cli import EXIT_USER_ERROR, main
 from tests.helpers import tiny_args
@@ -92,11 +94,41 @@ def test_resume_refuses_overrides(capsys: pytest.CaptureFixture[str], finished_r
 def test_eval_export_report_commands(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
     assert main(["eval", str(finished_run), "--no-probe"]) == 0
     assert "knn_acc" in capsys.readouterr().out
-    assert main(["export", str(finished_run), "--out", str(tmp_path / "enc.pt")]) == 0
-    assert (tmp_path / "enc.pt").stat().st_size > 0
+    for name in ("enc.pt", "enc.pt2"):  # TorchScript, torch.export
+        assert main(["export", str(finished_run), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).stat().st_size > 0
+    assert "torch.export.load(path).module()" in capsys.readouterr().out
     (finished_run / "report.md").unlink()
     assert main(["report", str(finished_run)]) == 0
     assert "Client cost" in (finished_run / "report.md").read_text()
+
+
+def _drop_checkpoint(run: Path) -> None:
+    (run / "checkpoints" / "last.pt").unlink()
+
+
+def _rewind_checkpoint(run: Path) -> None:
+    """The checkpoint of a run killed before its last round (round 0 of 1)."""
+    path = run / "checkpoints" / "last.pt"
+    torch.save({**torch.load(path, weights_only=True), "round": 0}, path)
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [(_drop_checkpoint, "has no checkpoint yet"),
+                                                  (_rewind_checkpoint, "stopped after round 0 of 1")])
+def test_export_of_an_unfinished_run_gets_one_line(capsys: pytest.CaptureFixture[str], finished_run: Path,
+                                                   tmp_path: Path, damage: Callable[[Path], None],
+                                                   fragment: str) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    damage(copy)
+    out = tmp_path / "encoder.pt2"
+    assert fragment in _error_line(capsys, ["export", str(copy), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_export_to_a_folder_gets_one_line(capsys: pytest.CaptureFixture[str], finished_run: Path,
+                                          tmp_path: Path) -> None:
+    assert "cannot write" in _error_line(capsys, ["export", str(finished_run), "--out", str(tmp_path)])
 
 
 def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:

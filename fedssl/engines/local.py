@@ -19,12 +19,13 @@ import torch
 
 from fedssl.config import RunConfig
 from fedssl.data.augment import EvalTransform
-from fedssl.data.datasets import ImageData, load_split
+from fedssl.data.datasets import DatasetInfo, ImageData, load_split
 from fedssl.data.partition import class_histogram, hold_out, partition
 from fedssl.errors import FedSSLError
 from fedssl.evaluation import PixelEncoder, evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import FederatedMethod, Method, MethodContext, SplitMethod
+from fedssl.models.encoder import Encoder
 from fedssl.resources import REFERENCE_STEP_COST, Ledger
 from fedssl.report import finish_run
 from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir, save_checkpoint,
@@ -346,12 +347,17 @@ def finetune_run(path: str | Path, *, epochs: int | None = None, lr: float | Non
     return result
 
 
+def restore_final_encoder(path: str | Path) -> tuple[Encoder, DatasetInfo, int]:
+    """A finished run's final encoder (``method.encoder()``), its data's info (channels, mean, std) and image side."""
+    _, _, method, fed, _ = _restore(path)
+    return method.encoder(), fed.train.info, int(fed.train.images.shape[-1])
+
+
 def export_run(path: str | Path, out: str | Path) -> tuple[int, ...]:
-    """Write a finished run's final encoder as TorchScript; returns the input shape (C, H, W) it expects."""
+    """Write a finished run's final encoder to ``out`` (format by suffix, see ``fedssl.export``);
+    returns the input shape (C, H, W) it expects."""
     from fedssl.export import export_encoder
 
-    cfg, _, method, fed, _ = _restore(path)
-    info = fed.train.info
-    size = int(fed.train.images.shape[-1])
-    export_encoder(method.encoder(), mean=info.mean, std=info.std, channels=info.channels, image_size=size, path=out)
+    encoder, info, size = restore_final_encoder(path)
+    export_encoder(encoder, mean=info.mean, std=info.std, channels=info.channels, image_size=size, path=out)
     return (info.channels, size, size)
