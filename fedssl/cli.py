@@ -209,7 +209,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.name == "compare":
         runs = Path(args.runs) if args.runs else Path("runs") / f"compare-{args.preset}"
         run_compare(console, preset=args.preset, data_dir=args.data_dir, runs=runs, docs=Path(args.docs),
-                    extra=args.set or [], reliability=not args.no_reliability)
+                    extra=args.set or [], reliability=not args.no_reliability, only=args.only or [])
         return 0
     run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
     bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md and its plots go")
-    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run "
+                       "(applied last: it wins over the preset's values)")
+    bench.add_argument("--only", action="append", metavar="PATTERN", help="compare: run only the settings whose "
+                       "folder name matches (shell pattern, repeatable), e.g. 'centralized-*-s0' "
+                       "'fedmoco-v2-dirichlet-0-5-10c-s0'")
     bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
     bench.set_defaults(func=cmd_bench)
     return parser

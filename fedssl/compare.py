@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,7 +123,7 @@ def run_comparison(settings: Sequence[Setting], root: Path,
     return rows
 
 
-__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "run_comparison", "summarize_run"]
+__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "run_comparison", "select_settings", "summarize_run"]
 
 
 # ---------------------------------------------------------------- the comparison presets (fedssl bench compare)
@@ -289,3 +290,19 @@ def build_grid(preset: ComparePreset, extra: Sequence[str] = ()) -> list[Setting
                                         (*block.overrides, f"clients={block.clients}", *overrides(spec, seed)),
                                         group=block.group, finetune=preset.finetune))
     return settings
+
+
+def select_settings(settings: Sequence[Setting], patterns: Sequence[str]) -> list[Setting]:
+    """The settings whose key (folder name) matches one of the shell-style ``patterns``, in grid order.
+
+    ``()`` keeps every setting. A slice of a preset (``fedssl bench compare --only 'centralized-*-s0'``) runs the
+    very configs of the full grid, so its run directories are the full comparison's own (it continues them).
+    """
+    if not patterns:
+        return list(settings)
+    for pattern in patterns:
+        if not any(fnmatchcase(s.key, pattern) for s in settings):
+            examples = ", ".join(s.key for s in settings[:2])
+            raise FedSSLError(f"--only {pattern!r} matches no setting of this comparison; keys look like "
+                              f"{examples} (write e.g. --only 'fedmoco-v2-*-s0')")
+    return [s for s in settings if any(fnmatchcase(s.key, p) for p in patterns)]

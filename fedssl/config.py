@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -28,6 +29,7 @@ CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-blo
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological", "shards")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(?::(\d+))?")  # engines.local.resolve_device: is it on this machine
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class SplitConfig:
     sync_every: int = 50  # local steps between client-net averaging
     sync_momentum: bool = True  # also average the momentum client nets (False = the reference code's behaviour)
     queue: str = "shared"  # shared (one server queue, feature sharing) | per_client
-    auto_adjust: bool = False  # the reference scripts' choice of client_batch / sync_every / clients_per_step
+    auto_adjust: bool = False  # the reference scripts' client_batch / clients_per_step for N clients (not sync_every)
     simulate: str = "batched"  # batched (all clients of a step in one vmapped call) | loop (one after another)
 
 
@@ -248,7 +250,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = native size)")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-    _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "use cpu or cuda[:N]")
+    _check(DEVICE_PATTERN.fullmatch(cfg.device) is not None, "device", f"{cfg.device!r}: use cpu, cuda or cuda:N")
     _check(cfg.model.width >= 1, "model.width", "must be >= 1")
     _check(cfg.model.group_channels >= 0, "model.group_channels", "must be >= 0 (0 = up to 32 groups of >= 2)")
     _check(len(cfg.model.blocks_per_stage) >= 1 and min(cfg.model.blocks_per_stage) >= 1,

@@ -140,3 +140,38 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.strip().splitlines() == ["fedssl: error: config key 'alpha': -1.0 must be > 0 "
                                                 "(smaller = more non-IID)"]
+
+
+def test_a_device_that_is_not_here_gets_one_line_before_anything_runs(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    out = tmp_path / "never"
+    assert "CUDA is not available" in _error_line(capsys, ["run", *tiny_args("--set=device=cuda"), "--out", str(out)])
+    assert not out.exists()
+    runs = tmp_path / "compare"
+    err = _error_line(capsys, ["bench", "compare", "--preset", "gpu-paper", "--set", "device=cuda", "--runs", str(runs),
+                               "--docs", str(tmp_path / "docs"), "--no-reliability"])
+    assert "device cuda was asked for but CUDA is not available" in err and not runs.exists()
+    assert "cpu, cuda or cuda:N" in _error_line(capsys, ["run", *tiny_args("--set=device=gpu"), "--out", str(out)])
+    only = ["bench", "compare", "--preset", "gpu-paper", "--only", "fedfoo-*", "--runs", str(runs), "--no-reliability"]
+    assert "matches no setting" in _error_line(capsys, only) and not runs.exists()
+
+
+def test_resolve_device_parses_cpu_cuda_and_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedssl.engines.local import resolve_device
+    from fedssl.errors import FedSSLError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs, as torch sees it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(FedSSLError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    for bad in ("gpu", "cuda:", "cuda:x", "CUDA", "cuda1"):
+        with pytest.raises(FedSSLError, match="cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FedSSLError, match="CUDA is not available"):
+        resolve_device("cuda:0")

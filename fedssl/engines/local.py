@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedssl.config import RunConfig
+from fedssl.config import DEVICE_PATTERN, RunConfig
 from fedssl.data.augment import EvalTransform
 from fedssl.data.datasets import DatasetInfo, ImageData, load_split
 from fedssl.data.partition import class_histogram, hold_out, partition
@@ -99,8 +99,22 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
+    """The torch device of a config's ``device``: ``cpu``, ``cuda`` (= the current CUDA device) or ``cuda:N``.
+
+    A device this machine does not have is one clear error naming the fix, before anything is built on it.
+    """
+    match = DEVICE_PATTERN.fullmatch(name)
+    if match is None:
+        raise FedSSLError(f"device {name!r} is not cpu, cuda or cuda:N; use e.g. --set device=cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise FedSSLError(f"device {name} was asked for but CUDA is not available here "
+                          f"(torch {torch.__version__}); use --set device=cpu")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise FedSSLError(f"device {name} was asked for but this machine has {count} CUDA device(s); "
+                          f"use cuda:0 to cuda:{count - 1}")
     return torch.device(name)
 
 
@@ -299,9 +313,10 @@ def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
 
     cfg, run, method, fed, device = _restore(path)
     cfg = replace(cfg, eval=replace(cfg.eval, probe=probe))
-    result = full_evaluation(method, fed, cfg, device)
-    untrained = build_method(MethodContext(cfg, fed.train.info, device))
-    result.update(baseline_split(baseline_evaluation(untrained, fed, cfg, device)))
+    with torch_threads(cfg.threads):  # the run's thread count, as while it trained
+        result = full_evaluation(method, fed, cfg, device)
+        untrained = build_method(MethodContext(cfg, fed.train.info, device))
+        result.update(baseline_split(baseline_evaluation(untrained, fed, cfg, device)))
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2, sort_keys=True))
     return result
 
@@ -337,11 +352,12 @@ def finetune_run(path: str | Path, *, epochs: int | None = None, lr: float | Non
     cfg = validate(replace(cfg, eval=ev))
     info = fed.train.info
     crop_flip = MaskedViewAugment(int(fed.train.images.shape[-1]), info.mean, info.std, channels=info.channels).to(device)
-    result = fine_tune(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
-                       augment=lambda images: crop_flip(images)[0], transform=eval_transform(fed, device),
-                       epochs=ev.finetune_epochs, lr=ev.finetune_lr, weight_decay=ev.finetune_weight_decay,
-                       batch_size=ev.finetune_batch_size, device=device, seed=cfg.seed,
-                       num_classes=info.num_classes)
+    with torch_threads(cfg.threads):  # the run's thread count, as while it trained
+        result = fine_tune(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
+                           augment=lambda images: crop_flip(images)[0], transform=eval_transform(fed, device),
+                           epochs=ev.finetune_epochs, lr=ev.finetune_lr, weight_decay=ev.finetune_weight_decay,
+                           batch_size=ev.finetune_batch_size, device=device, seed=cfg.seed,
+                           num_classes=info.num_classes)
     result = {**result, "epochs": ev.finetune_epochs, "lr": ev.finetune_lr}
     atomic_write_text(run.path / "finetune.json", json.dumps(result, indent=2, sort_keys=True))
     return result

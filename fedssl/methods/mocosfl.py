@@ -36,7 +36,9 @@ only while it is empty), whatever ``ssl.in_batch_negatives`` says.
 
 ``split.auto_adjust`` reproduces the reference scripts' choice for N clients:
 ``client_batch = 100 // N`` for N <= 50 else 1; ``clients_per_step = 100 / N``
-for N >= 200 (about 100 images per server step) else 1; ``sync_every = 50``.
+for N >= 200 (about 100 images per server step) else 1. It picks only what depends
+on N: ``sync_every`` stays the config's (its default, 50, is the reference's), so
+``--set split.sync_every=...`` shortens a round of a preset that auto-adjusts.
 """
 
 from __future__ import annotations
@@ -66,16 +68,16 @@ from fedssl.resources import DOWNLOAD, SERVER_ID, SERVER_STEP_COST, UPLOAD, Ledg
 from fedssl.training import derive_seed, make_optimizer, round_lr
 
 AUTO_SERVER_BATCH = 100  # auto_adjust: images per server step the reference scripts aim at
-AUTO_SYNC_EVERY = 50
 
 
 def effective_split(split: SplitConfig, num_clients: int) -> SplitConfig:
-    """The split settings in force: the config's, or the reference scripts' choice for N clients (auto_adjust)."""
+    """The split settings in force: the config's, or with auto_adjust the reference scripts' client batch and
+    clients per step for N clients (``sync_every`` is always the config's)."""
     if not split.auto_adjust:
         return split
     batch = max(1, AUTO_SERVER_BATCH // num_clients) if num_clients <= 50 else 1
     fraction = min(1.0, AUTO_SERVER_BATCH / num_clients) if num_clients >= 200 else 1.0
-    return replace(split, client_batch=batch, clients_per_step=fraction, sync_every=AUTO_SYNC_EVERY)
+    return replace(split, client_batch=batch, clients_per_step=fraction)
 
 
 def check_cut(encoder: Encoder, cut: int) -> None:

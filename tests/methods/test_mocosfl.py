@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fedssl.engines.local as engine
+from fedssl.config import SplitConfig
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.errors import ConfigError
@@ -263,7 +264,9 @@ def test_config_errors_name_the_fix() -> None:
     auto = sfl_config("split.auto_adjust=true").split
     assert (effective_split(auto, 10).client_batch, effective_split(auto, 10).clients_per_step) == (10, 1.0)
     big = effective_split(auto, 1000)
-    assert (big.client_batch, big.clients_per_step, big.sync_every) == (1, 0.1, 50)
+    assert (big.client_batch, big.clients_per_step) == (1, 0.1)
+    assert big.sync_every == auto.sync_every == 2  # the config's: a tiny run of an auto-adjusted preset stays tiny
+    assert effective_split(SplitConfig(auto_adjust=True), 1000).sync_every == 50  # the default: the reference's
 
 
 def test_step_sampling_is_seeded_and_never_favours_client_zero() -> None:
