@@ -169,6 +169,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     for row in result_rows(initial, result):
         table.add_row(*row)
     console.print(table)
+    console.print_json(json.dumps(result))
     console.print(f"[dim]written to {Path(args.run_dir) / 'eval.json'}[/dim]")
     return 0
 
