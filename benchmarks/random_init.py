@@ -35,6 +35,11 @@ ARCHITECTURES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("ResNet-18 width 16, GroupNorm 2 ch/group", "mocosfl_accuracy.py", "mocosfl.toml", ()),
     ("ViT width 64, 4 blocks, patch 4", "layerwise_accuracy.py, fedmae_accuracy.py; the cpu comparison",
      "lw-fedssl.toml", ()),
+    ("ResNet-10 width 8, GroupNorm 2 ch/group", "the retired cpu-small comparison (docs/RESULTS.md)", "fedmoco.toml",
+     ("model.norm=group", "model.width=8", "ssl.proj_hidden=256")),
+    ("ViT width 32, 3 blocks, patch 4", "the retired cpu-small comparison (docs/RESULTS.md)", "lw-fedssl.toml",
+     ("model.width=32", "model.depth=3", "model.heads=2", "layerwise.rounds_per_stage=0", "ssl.proj_hidden=128",
+      "ssl.proj_dim=64")),
 )
 
 

@@ -61,6 +61,11 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
         ("no blur on 32x32", ["ssl.blur=false"]),
         ("simclr views (crop 0.08-1, strong colour), no blur", ["ssl.augment=simclr", "ssl.blur=false"]),
     ],
+    "server": [
+        ("FedAvg", []),
+        ("FedAvgM: server momentum 0.9", ["server_momentum=0.9"]),
+        ("FedAvgM: server momentum 0.9, batch 32", ["server_momentum=0.9", "batch_size=32"]),
+    ],
     "temperature": [
         ("T 0.2", []),
         ("T 0.1", ["ssl.temperature=0.1"]),

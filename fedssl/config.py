@@ -182,6 +182,10 @@ class RunConfig:
     rounds: int = 10
     sample_fraction: float = 1.0
     dropout: float = 0.0  # probability that a sampled client fails to return its update in a round
+    # the server's step (FedAvgM): new = global + server_lr * v, v = server_momentum * v + (average - global);
+    # 0 and 1 = plain FedAvg
+    server_momentum: float = 0.0
+    server_lr: float = 1.0
     # local training
     local_epochs: int = 1
     local_steps: int = 0  # > 0: a fixed number of steps per round instead of epochs
@@ -240,6 +244,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.rounds >= 1, "rounds", "must be >= 1")
     _check(0 < cfg.sample_fraction <= 1, "sample_fraction", f"{cfg.sample_fraction} must be in (0, 1]")
     _check(0 <= cfg.dropout < 1, "dropout", f"{cfg.dropout} must be in [0, 1) (some client must return)")
+    _check(0 <= cfg.server_momentum < 1, "server_momentum", f"{cfg.server_momentum} must be in [0, 1) (0 = FedAvg)")
+    _check(cfg.server_lr > 0, "server_lr", f"{cfg.server_lr} must be > 0 (1 = FedAvg)")
     _check(cfg.local_epochs >= 1, "local_epochs", "must be >= 1")
     _check(cfg.local_steps >= 0, "local_steps", "must be >= 0 (0 = use local_epochs)")
     _check(cfg.batch_size >= 2, "batch_size", "must be >= 2 (two views need a pair)")

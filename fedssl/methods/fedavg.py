@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedssl.aggregation import weighted_average
+from fedssl.aggregation import ServerMomentum, weighted_average
 from fedssl.data.datasets import ImageData
 from fedssl.methods.base import (ClientResult, FederatedMethod, MethodContext, Payload, build_augment,
                                  build_model, measure_ssl_step, seed_client)
@@ -34,6 +34,7 @@ class FedAvgSSL(FederatedMethod):
         self.global_model = self.build_global_model()
         self.worker = copy.deepcopy(self.global_model)  # one client model, reused by every simulated client
         self.augment = self.build_augment()
+        self.server_optimizer = ServerMomentum(self.cfg.server_momentum, self.cfg.server_lr)
 
     def build_global_model(self) -> SSLModel:
         """The server's SSL model (subclasses may wrap the backbone, e.g. stage by stage)."""
@@ -76,7 +77,8 @@ class FedAvgSSL(FederatedMethod):
         if not trained:
             return
         averaged = weighted_average([r.upload for r in trained], [r.num_samples for r in trained])
-        self.global_model.load_exchanged_state(averaged)
+        current = self.global_model.exchanged_state()
+        self.global_model.load_exchanged_state(self.server_optimizer.step(current, averaged))
 
     def expected_upload(self, round_index: int) -> Payload:
         return self.global_model.exchanged_state()
@@ -85,10 +87,11 @@ class FedAvgSSL(FederatedMethod):
         return self.global_model.encoder
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_model": self.global_model.state_dict()}
+        return {"global_model": self.global_model.state_dict(), "server_momentum": self.server_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_model.load_state_dict(state["global_model"])
+        self.server_optimizer.load_state_dict(state.get("server_momentum", {}))
 
     def measure_client_step(self, data: ImageData) -> StepCost:
         return measure_ssl_step(self.worker, data, self.ctx, self.cfg.lr, self.augment)
