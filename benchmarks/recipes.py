@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import sys
-from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.compare import Setting, ensure_run, summarize_run  # noqa: E402
-from fedssl.config import config_hash, load_toml  # noqa: E402
+from fedssl.config import load_toml  # noqa: E402
 from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.report import markdown_table  # noqa: E402
 
@@ -102,14 +102,17 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
+def _key(overrides: tuple[str, ...]) -> str:
+    """The run folder of a variant: a digest of its overrides (stable when a new config key with a default is added;
+    ``ensure_run`` still refuses a folder whose config differs)."""
+    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
 def settings(groups: list[str], extra: list[str]) -> list[Setting]:
-    """One setting per (group, variant); a run folder per distinct config (a group's base is the demo)."""
-    out = []
-    for group in groups:
-        for name, overrides in GROUPS[group]:
-            setting = Setting(key="", label=name, values=DEMO, group=group, overrides=(*COMMON, *overrides, *extra))
-            out.append(replace(setting, key=config_hash(setting.config())))
-    return out
+    """One setting per (group, variant); a run folder per distinct variant (a group's base is the demo)."""
+    return [Setting(key=_key((*COMMON, *overrides, *extra)), label=name, values=DEMO, group=group,
+                    overrides=(*COMMON, *overrides, *extra))
+            for group in groups for name, overrides in GROUPS[group]]
 
 
 def _run(setting: Setting, root: Path) -> Path:
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipes.md")
     parser.add_argument("--set", action="append", default=[], help="an override for every variant")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="write the table of the finished runs; run nothing")
     args = parser.parse_args(argv)
     if args.list:
         for group, variants in GROUPS.items():
@@ -150,15 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     groups = args.group or list(GROUPS)
     extra = [f"data_dir={args.data_dir}", f"threads={args.threads}", f"seed={args.seed}", *args.set]
     todo = settings(groups, extra)
-    distinct = list({s.key: s for s in todo}.values())
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(_run, distinct, [args.runs] * len(distinct)))
-    rows = [{"label": s.label, "group": s.group, **summarize_run(args.runs / s.key)} for s in todo]
+    if not args.table_only:
+        distinct = list({s.key: s for s in todo}.values())
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(_run, distinct, [args.runs] * len(distinct)))
+    done = [s for s in todo if (args.runs / s.key / "final.json").is_file()]
+    rows = [{"label": s.label, "group": s.group, **summarize_run(args.runs / s.key)} for s in done]
+    missing = [f"{s.group}: {s.label}" for s in todo if s not in done]
     text = (f"# Recipe ablations (validation split)\n\nMeasured {datetime.date.today()} with "
             f"`python benchmarks/recipes.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
             f"seed {args.seed}, {args.threads} torch threads per run, {args.jobs} run(s) at a time. "
             "kNN accuracy (%) on the validation split (a fifth of the training split, never trained on).\n\n"
-            + table(rows))
+            + table(rows) + ("\nNot run yet (`--table-only` shows finished runs only): " + "; ".join(missing) + ".\n"
+                             if missing else ""))
     atomic_write_text(args.out, text)
     print(text)
     return 0
