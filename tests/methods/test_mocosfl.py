@@ -1,4 +1,5 @@
-"""MocoSFL: split + concatenation == unsplit, batched == per-client loop, sync, queues, runs and resume."""
+"""MocoSFL: split + concatenation == unsplit, batched == per-client loop, sync, queues, runs and resume after a
+real kill."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import fedssl.engines.local as engine
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.errors import ConfigError
-from fedssl.engines.local import resume_run, start_run
+from fedssl.engines.local import start_run
 from fedssl.losses import info_nce, symmetric_info_nce
 from fedssl.methods.base import MethodContext
 from fedssl.methods.mocosfl import MocoSFL, banked_info_nce, effective_split
@@ -25,9 +25,7 @@ from fedssl.models.ssl import MoCoV2, NegativeQueue
 from fedssl.models.stacked import (batched_forward, broadcast_, gather, scatter_, stack_mean, stack_module,
                                    stacked_ema_, stacked_sgd_step_, to_stacked, zeros_like_stack)
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger
-from tests.helpers import tiny_config
-
-TIMING_KEYS = {"seconds", "images_per_s"}
+from tests.helpers import assert_resume_is_exact, tiny_config
 
 
 def sfl_config(*overrides: str):
@@ -292,29 +290,12 @@ def test_a_thousand_clients_of_one_image_train_one_round() -> None:
 # ------------------------------------------------------------------ engine runs
 
 
-def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = sfl_config("rounds=2", "clients=4", "split.clients_per_step=0.5", "eval.every=0")
-    full = start_run(cfg, tmp_path / "full")
-    real_round = engine.run_round
-
-    def crash_in_round_two(method, fed, cfg, round_index, ledger, observer):
-        if round_index == 1:
-            raise KeyboardInterrupt  # as if killed after the checkpoint of round 1
-        return real_round(method, fed, cfg, round_index, ledger, observer)
-
-    monkeypatch.setattr(engine, "run_round", crash_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        start_run(cfg, tmp_path / "crashed")
-    monkeypatch.setattr(engine, "run_round", real_round)
-    resumed = resume_run(tmp_path / "crashed")
-    assert _comparable(resumed.metrics) == _comparable(full.metrics)
-    assert resumed.final == full.final
-    assert resumed.ledger.rows == full.ledger.rows
-    report = (tmp_path / "crashed" / "report.md").read_text()
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A real `fedssl run` killed by SIGKILL after its first checkpoint and resumed: the client stacks, SGD
+    buffers, server, queue and who-holds-the-latest-net come back, so the run ends exactly like an uninterrupted one."""
+    cfg = sfl_config("rounds=3", "clients=4", "split.clients_per_step=0.5", "eval.every=0", "threads=2")
+    assert_resume_is_exact(cfg, tmp_path)
+    report = (tmp_path / "killed" / "report.md").read_text()
     assert "server FLOPs per image" in report
 
 
@@ -328,3 +309,4 @@ def test_real_cifar10_subset_loss_falls(tmp_path: Path, cifar_subset_dir: Path) 
     losses = [m["loss"] for m in out.metrics]
     assert all(np.isfinite(losses)) and losses[-1] < losses[1] - 0.1, losses
     assert out.final["knn_acc"] > out.initial["knn_acc"]
+
