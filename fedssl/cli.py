@@ -95,19 +95,23 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
 
+def result_table(title: str, initial: dict[str, Any], final: dict[str, Any]) -> Table:
+    """Raw pixels / random init / trained / difference (``fedssl.report.result_rows``), the verdict as caption."""
+    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
+
+    table = Table(title=title, caption=learning_verdict(initial, final).replace("**", "") or None)
+    for i, name in enumerate(RESULT_HEADER):
+        table.add_column(name, justify="right" if i else "left")
+    for row in result_rows(initial, final):
+        table.add_row(*row)
+    return table
+
+
 def summary_table(outcome: Any) -> Table:
     """The short result a person reads at the end of a run."""
     from fedssl.report import client_cost
 
-    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
-
-    verdict = learning_verdict(outcome.initial, outcome.final).replace("**", "")
-    table = Table(title=f"{outcome.run.path}", caption=verdict or None)
-    table.add_column(RESULT_HEADER[0])
-    for name in RESULT_HEADER[1:]:
-        table.add_column(name, justify="right")
-    for row in result_rows(outcome.initial, outcome.final):
-        table.add_row(*row)
+    table = result_table(str(outcome.run.path), outcome.initial, outcome.final)
     cost = client_cost(outcome.ledger)
     if cost is not None:
         table.add_section()
@@ -158,17 +162,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import evaluate_run
 
-    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
-
     result = evaluate_run(args.run_dir, probe=not args.no_probe)
     initial = {**result["random_init"], "pixels": result["pixels"]}
-    table = Table(title=f"{args.run_dir}: the final encoder, frozen",
-                  caption=learning_verdict(initial, result).replace("**", "") or None)
-    for i, name in enumerate(RESULT_HEADER):
-        table.add_column(name, justify="right" if i else "left")
-    for row in result_rows(initial, result):
-        table.add_row(*row)
-    console.print(table)
+    console.print(result_table(f"{args.run_dir}: the final encoder, frozen", initial, result))
     console.print_json(json.dumps(result))
     console.print(f"[dim]written to {Path(args.run_dir) / 'eval.json'}[/dim]")
     return 0
