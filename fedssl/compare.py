@@ -169,10 +169,6 @@ class ComparePreset:
     finetune: bool = False
     method_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> preset-specific keys
 
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        return tuple(sorted({*self.ceiling_seeds, *(s for b in self.blocks for s in b.seeds)}))
-
 
 IID = ("IID", ("partition=iid",))
 DIRICHLET = ("Dirichlet 0.5", ("partition=dirichlet", "alpha=0.5"))
