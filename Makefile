@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/fedssl run --config configs/cifar10/fedmoco.toml $(DATA_SET)
+	$(BIN)/fedssl run --config configs/cifar10/demo.toml $(DATA_SET)
 
 test: install
 	$(BIN)/python -m pytest -q

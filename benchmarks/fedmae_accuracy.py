@@ -68,9 +68,10 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                f"{args.threads} threads")
     command = f"python benchmarks/fedmae_accuracy.py --data-dir {args.data_dir}" + (" --quick" if args.quick else "")
     table = markdown_table(
-        ["setting", "kNN", "linear probe", "fine-tune", "client peak memory", "client FLOPs/img",
-         "comm per client (run)", "training time"],
-        [[r["label"], pct(r["knn"]), pct(r["probe"]), pct(r["finetune"]), human_bytes(r["memory"]),
+        ["setting", "kNN: random init", "kNN", "probe: random init", "linear probe", "fine-tune",
+         "client peak memory", "client FLOPs/img", "comm per client (run)", "training time"],
+        [[r["label"], pct(r["knn_init"]), pct(r["knn"]), pct(r["probe_init"]), pct(r["probe"]), pct(r["finetune"]),
+          human_bytes(r["memory"]),
           human_flops(r["flops"]), human_bytes(r["comm"]), f"{r['train_seconds'] / 60:.1f} min"] for r in rows])
     cfg = settings(args)[0].config()
     budget = (f"{cfg.local_steps} local steps" if cfg.local_steps else f"{cfg.local_epochs} local epoch(s)")

@@ -59,6 +59,7 @@ def run_setting(index: int, name: str, overrides: list[str], args: argparse.Name
     out = start_run(cfg, runs / f"{index}-{cfg.method}")
     summary = out.ledger.summary()
     return {"name": name, "method": cfg.method, "knn": out.final["knn_acc"], "probe": out.final.get("probe_acc"),
+            "knn_init": out.initial["knn_acc"], "probe_init": out.initial.get("probe_acc"),
             "memory": summary.get("peak_training_bytes_max", 0.0), "comm": summary["comm_bytes_mean"],
             "calibration": cfg.calibration.aux_fraction > 0, "alignment": cfg.alignment.weight > 0,
             "seconds": time.perf_counter() - start, "rounds": cfg.rounds}
@@ -85,11 +86,13 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "Memory: measured peak of one real client step (staged methods: the larger of the first and last stage); comm: bytes up + down "
             "per client over the run (mean over clients), from the real payloads. The Δ columns are the "
             "ablation against plain LW-FedSSL in accuracy points, whatever their sign.\n\n")
-    lines = ["| setting | calibration | alignment | kNN | Δ kNN | probe | Δ probe | client peak memory | "
-             "comm per client | wall |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | calibration | alignment | kNN: random init | kNN | trained - random init | Δ kNN | "
+             "probe: random init | probe | Δ probe | client peak memory | comm per client | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {'on' if r['calibration'] else 'off'} | {'on' if r['alignment'] else 'off'} | "
-                     f"{pct(r['knn'])} | {delta(r['knn'], plain['knn'])} | {pct(r['probe'])} | "
+                     f"{pct(r['knn_init'])} | {pct(r['knn'])} | {delta(r['knn'], r['knn_init'])} | "
+                     f"{delta(r['knn'], plain['knn'])} | {pct(r['probe_init'])} | {pct(r['probe'])} | "
                      f"{delta(r['probe'], plain['probe'])} | {human_bytes(r['memory'])} | {human_bytes(r['comm'])} | "
                      f"{r['seconds']:.0f} s |")
     note = ("\n\nWall times are of this machine as it was during the run (other jobs may share it): they are not "

@@ -148,7 +148,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     """One setting, in this process: a warm-up round, then a timed round of ``steps`` steps."""
     from fedssl.config import load_toml, make_config
-    from fedssl.engines.local import SilentObserver, load_federation, run_round
+    from fedssl.engines.local import SilentObserver, load_federation, resolve_device, run_round
     from fedssl.methods import METHODS, build_method
     from fedssl.methods.base import MethodContext
     from fedssl.methods.split import SplitMethod
@@ -158,8 +158,8 @@ def child(overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     reference = REFERENCE_LOOP in overrides
     cfg = make_config(load_toml(PRESET), [f"split.sync_every={steps}", f"local_steps={steps}", "rounds=10",
                                           *(o for o in overrides if o != REFERENCE_LOOP)])
+    device = resolve_device(cfg.device)
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
-    device = torch.device(cfg.device)
     method = build_method(MethodContext(cfg, fed.train.info, device))
     totals: dict[str, float] = defaultdict(float)
     if reference:
@@ -229,6 +229,13 @@ def main() -> None:
     if args.child is not None:
         print("RESULT " + json.dumps(child(json.loads(args.child), args.steps, args.threads)))
         return
+    from fedssl.engines.local import resolve_device
+    from fedssl.errors import FedSSLError
+
+    try:
+        on_gpu = resolve_device(args.device).type == "cuda"  # before any setting: one clear line if it is not here
+    except FedSSLError as err:
+        parser.error(str(err).replace("--set device=", "--device "))
     console = Console(width=max(160, Console().width))
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for repeat in range(args.repeats):  # the whole sequence again: drift of the machine hits every setting
@@ -262,7 +269,6 @@ def main() -> None:
                f"(the server step, the same code in both, takes {batched['server_s_per_step']:.2f} s of every "
                f"{batched['seconds'] / args.steps:.2f} s batched step). Of the plain loop's client side, "
                f"{looped['augment_s_per_step']:.1f} s per step is augmenting one client's image at a time.")
-    on_gpu = torch.device(args.device).type == "cuda"
     machine = (f"{datetime.date.today().isoformat()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPU "
                f"cores, torch {torch.__version__}, {args.threads} threads, device {args.device}"
                + (f" ({torch.cuda.get_device_name(args.device)})" if on_gpu else ""))

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import sys
-from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedssl.compare import Setting, ensure_run, summarize_run  # noqa: E402
-from fedssl.config import config_hash, load_toml  # noqa: E402
+from fedssl.config import load_toml  # noqa: E402
 from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.report import markdown_table  # noqa: E402
 
@@ -41,11 +41,15 @@ DEMO = load_toml(REPO / "configs" / "cifar10" / "fedmoco.toml")
 # budget (6 rounds of one local epoch; a variant may change it): one factor at a time from there
 COMMON = ["eval.val_fraction=0.2", "eval.probe=false", "eval.every=0", "download=false", "rounds=6"]
 
+# the ViT recipe the "vit" group varies (FedMoCo v3 on the demo's clients)
+VIT = ("method=fedmocov3", "model.arch=vit", "model.width=64", "model.depth=4", "model.heads=4", "model.patch_size=4",
+       "optimizer=adamw", "lr=1e-3", "weight_decay=0.05")
 # group -> (variant name, overrides on top of the demo preset); the first variant of a group is its base
 GROUPS: dict[str, list[tuple[str, list[str]]]] = {
     "steps": [
         ("6 rounds x 1 epoch, batch 64", []),
         ("batch 32 (2x steps, same epochs)", ["batch_size=32"]),
+        ("batch 16 (4x steps, same epochs)", ["batch_size=16"]),
         ("3 rounds x 2 epochs (same steps, fewer averagings)", ["rounds=3", "local_epochs=2"]),
         ("12 rounds x 1 epoch (2x steps and epochs)", ["rounds=12"]),
     ],
@@ -59,6 +63,11 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
         ("mocov2 views (blur p 0.5)", []),
         ("no blur on 32x32", ["ssl.blur=false"]),
         ("simclr views (crop 0.08-1, strong colour), no blur", ["ssl.augment=simclr", "ssl.blur=false"]),
+    ],
+    "server": [
+        ("FedAvg", []),
+        ("FedAvgM: server momentum 0.9", ["server_momentum=0.9"]),
+        ("FedAvgM: server momentum 0.9, batch 32", ["server_momentum=0.9", "batch_size=32"]),
     ],
     "temperature": [
         ("T 0.2", []),
@@ -82,28 +91,25 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
         ("centralized MoCo v2 (same epochs)", ["method=centralized"]),
     ],
     "vit": [
-        ("ViT w64 d4 p4, AdamW 1e-3", ["method=fedmocov3", "model.arch=vit", "model.width=64", "model.depth=4",
-                                       "model.heads=4", "model.patch_size=4", "optimizer=adamw", "lr=1e-3",
-                                       "weight_decay=0.05"]),
-        ("AdamW 3e-3", ["method=fedmocov3", "model.arch=vit", "model.width=64", "model.depth=4", "model.heads=4",
-                        "model.patch_size=4", "optimizer=adamw", "lr=3e-3", "weight_decay=0.05"]),
-        ("patch 8", ["method=fedmocov3", "model.arch=vit", "model.width=64", "model.depth=4", "model.heads=4",
-                     "model.patch_size=8", "optimizer=adamw", "lr=1e-3", "weight_decay=0.05"]),
-        ("warm-up 2 rounds", ["method=fedmocov3", "model.arch=vit", "model.width=64", "model.depth=4",
-                              "model.heads=4", "model.patch_size=4", "optimizer=adamw", "lr=1e-3",
-                              "weight_decay=0.05", "warmup_rounds=2"]),
+        ("ViT w64 d4 p4, AdamW 1e-3", [*VIT]),
+        ("AdamW 3e-3", [*VIT, "lr=3e-3"]),
+        ("patch 8", [*VIT, "model.patch_size=8"]),
+        ("warm-up 2 rounds", [*VIT, "warmup_rounds=2"]),
     ],
 }
 
 
+def _key(overrides: tuple[str, ...]) -> str:
+    """The run folder of a variant: a digest of its overrides (stable when a new config key with a default is added;
+    ``ensure_run`` still refuses a folder whose config differs)."""
+    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
 def settings(groups: list[str], extra: list[str]) -> list[Setting]:
-    """One setting per (group, variant); a run folder per distinct config (a group's base is the demo)."""
-    out = []
-    for group in groups:
-        for name, overrides in GROUPS[group]:
-            setting = Setting(key="", label=name, values=DEMO, group=group, overrides=(*COMMON, *overrides, *extra))
-            out.append(replace(setting, key=config_hash(setting.config())))
-    return out
+    """One setting per (group, variant); a run folder per distinct variant (a group's base is the demo)."""
+    return [Setting(key=_key((*COMMON, *overrides, *extra)), label=name, values=DEMO, group=group,
+                    overrides=(*COMMON, *overrides, *extra))
+            for group in groups for name, overrides in GROUPS[group]]
 
 
 def _run(setting: Setting, root: Path) -> Path:
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipes.md")
     parser.add_argument("--set", action="append", default=[], help="an override for every variant")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="write the table of the finished runs; run nothing")
     args = parser.parse_args(argv)
     if args.list:
         for group, variants in GROUPS.items():
@@ -144,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     groups = args.group or list(GROUPS)
     extra = [f"data_dir={args.data_dir}", f"threads={args.threads}", f"seed={args.seed}", *args.set]
     todo = settings(groups, extra)
-    distinct = list({s.key: s for s in todo}.values())
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(_run, distinct, [args.runs] * len(distinct)))
-    rows = [{"label": s.label, "group": s.group, **summarize_run(args.runs / s.key)} for s in todo]
+    if not args.table_only:
+        distinct = list({s.key: s for s in todo}.values())
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(_run, distinct, [args.runs] * len(distinct)))
+    done = [s for s in todo if (args.runs / s.key / "final.json").is_file()]
+    rows = [{"label": s.label, "group": s.group, **summarize_run(args.runs / s.key)} for s in done]
+    missing = [f"{s.group}: {s.label}" for s in todo if s not in done]
     text = (f"# Recipe ablations (validation split)\n\nMeasured {datetime.date.today()} with "
             f"`python benchmarks/recipes.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
             f"seed {args.seed}, {args.threads} torch threads per run, {args.jobs} run(s) at a time. "
             "kNN accuracy (%) on the validation split (a fifth of the training split, never trained on).\n\n"
-            + table(rows))
+            + table(rows) + ("\nNot run yet (`--table-only` shows finished runs only): " + "; ".join(missing) + ".\n"
+                             if missing else ""))
     atomic_write_text(args.out, text)
     print(text)
     return 0

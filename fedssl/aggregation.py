@@ -33,6 +33,44 @@ def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[floa
     return out
 
 
+class ServerMomentum:
+    """FedAvgM (Hsu et al., 2019): the server treats the averaged client change as a gradient step with momentum.
+
+    ``step(current, averaged)``: delta = averaged - current; v = beta * v + delta; new = current + lr * v, per
+    floating tensor (integer tensors take the average's value). ``beta = 0`` and ``lr = 1`` is plain FedAvg
+    (returns ``averaged`` itself). The velocities are server state: checkpointed, never sent.
+    """
+
+    def __init__(self, beta: float, lr: float) -> None:
+        self.beta, self.lr = beta, lr
+        self.velocity: dict[str, Tensor] = {}
+
+    @property
+    def plain(self) -> bool:
+        return self.beta == 0 and self.lr == 1
+
+    def step(self, current: dict[str, Tensor], averaged: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.plain:
+            return averaged
+        out: dict[str, Tensor] = {}
+        for key, avg in averaged.items():
+            if not torch.is_floating_point(avg):
+                out[key] = avg
+                continue
+            delta = avg.to(torch.float64) - current[key].to(torch.float64)
+            v = self.velocity.get(key)
+            v = delta if v is None else v.mul_(self.beta).add_(delta)
+            self.velocity[key] = v
+            out[key] = (current[key].to(torch.float64) + self.lr * v).to(avg.dtype)
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.velocity.items()}  # copies: step() updates its velocities in place
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.velocity = {k: v.to(torch.float64, copy=True) for k, v in state.items()}
+
+
 def check_upload(upload: dict[str, Tensor], expected: dict[str, Tensor], num_samples: int) -> str | None:
     """Why a client's upload must not be averaged in (None = it fits).
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from rich.console import Console
@@ -116,11 +116,17 @@ def machine_description() -> str:
 
 
 def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, docs: Path, extra: list[str],
-                reliability: bool = True) -> Path:
-    """Run (or continue) every setting of a comparison preset, then write docs/RESULTS.md and its plots."""
-    import datetime
+                reliability: bool = True, only: Sequence[str] = ()) -> Path:
+    """Run (or continue) every setting of a comparison preset, then write docs/RESULTS.md and its plots.
 
-    from fedssl.compare import COMPARE_PRESETS, build_grid, run_comparison
+    ``extra``: ``--set`` overrides applied last to every setting (they win over the preset's values);
+    ``only``: key patterns of the settings to run (:func:`fedssl.compare.select_settings`; () = all).
+    """
+    import datetime
+    import shlex
+
+    from fedssl.compare import COMPARE_PRESETS, build_grid, run_comparison, select_settings
+    from fedssl.engines.local import resolve_device
     from fedssl.errors import FedSSLError
     from fedssl.io import atomic_write_text
     from fedssl.reliability import checks_to_json, reliability_section, run_checks
@@ -129,7 +135,8 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     if preset not in COMPARE_PRESETS:
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
     spec = COMPARE_PRESETS[preset]
-    settings = build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra])
+    settings = select_settings(build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra]), only)
+    resolve_device(settings[0].config().device)  # before any run: one clear line where the device is not here
     started = time.perf_counter()
 
     def progress(index: int, setting: Any) -> None:
@@ -150,7 +157,9 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
         checks = run_checks(lambda name: console.print(f"[dim]reliability: {name} ...[/dim]"))
         atomic_write_text(runs / "reliability.json", checks_to_json(checks))
         section = reliability_section(checks, when)
-    command = f"fedssl bench compare --preset {preset}" + (f" --data-dir {data_dir}" if data_dir else "")
+    command = shlex.join(["fedssl", "bench", "compare", "--preset", preset,
+                          *(["--data-dir", data_dir] if data_dir else []),
+                          *(a for p in only for a in ("--only", p)), *(a for e in extra for a in ("--set", e))])
     text = render_results_page(spec, rows, when=when, machine=machine_description(), command=command,
                                plots=[str(p.relative_to(docs)) for p in plots], reliability=section)
     out = docs / "RESULTS.md"

@@ -95,19 +95,23 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
 
+def result_table(title: str, initial: dict[str, Any], final: dict[str, Any]) -> Table:
+    """Raw pixels / random init / trained / difference (``fedssl.report.result_rows``), the verdict as caption."""
+    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
+
+    table = Table(title=title, caption=learning_verdict(initial, final).replace("**", "") or None)
+    for i, name in enumerate(RESULT_HEADER):
+        table.add_column(name, justify="right" if i else "left")
+    for row in result_rows(initial, final):
+        table.add_row(*row)
+    return table
+
+
 def summary_table(outcome: Any) -> Table:
     """The short result a person reads at the end of a run."""
     from fedssl.report import client_cost
 
-    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
-
-    verdict = learning_verdict(outcome.initial, outcome.final).replace("**", "")
-    table = Table(title=f"{outcome.run.path}", caption=verdict or None)
-    table.add_column(RESULT_HEADER[0])
-    for name in RESULT_HEADER[1:]:
-        table.add_column(name, justify="right")
-    for row in result_rows(outcome.initial, outcome.final):
-        table.add_row(*row)
+    table = result_table(str(outcome.run.path), outcome.initial, outcome.final)
     cost = client_cost(outcome.ledger)
     if cost is not None:
         table.add_section()
@@ -158,17 +162,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import evaluate_run
 
-    from fedssl.report import RESULT_HEADER, learning_verdict, result_rows
-
     result = evaluate_run(args.run_dir, probe=not args.no_probe)
     initial = {**result["random_init"], "pixels": result["pixels"]}
-    table = Table(title=f"{args.run_dir}: the final encoder, frozen",
-                  caption=learning_verdict(initial, result).replace("**", "") or None)
-    for i, name in enumerate(RESULT_HEADER):
-        table.add_column(name, justify="right" if i else "left")
-    for row in result_rows(initial, result):
-        table.add_row(*row)
-    console.print(table)
+    console.print(result_table(f"{args.run_dir}: the final encoder, frozen", initial, result))
+    console.print_json(json.dumps(result))
     console.print(f"[dim]written to {Path(args.run_dir) / 'eval.json'}[/dim]")
     return 0
 
@@ -187,10 +184,12 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from fedssl.engines.local import export_run
+    from fedssl.export import LOADERS, format_of
 
     shape = export_run(args.run_dir, args.out)
-    console.print(f"wrote {args.out}: TorchScript, input {shape} float in [0, 1] -> features; "
-                  "load with torch.jit.load")
+    fmt = format_of(args.out)
+    console.print(f"wrote {args.out}: {fmt}, input (N, {', '.join(map(str, shape))}) float in [0, 1] -> features; "
+                  f"load with {LOADERS[fmt]}")
     return 0
 
 
@@ -207,7 +206,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.name == "compare":
         runs = Path(args.runs) if args.runs else Path("runs") / f"compare-{args.preset}"
         run_compare(console, preset=args.preset, data_dir=args.data_dir, runs=runs, docs=Path(args.docs),
-                    extra=args.set or [], reliability=not args.no_reliability)
+                    extra=args.set or [], reliability=not args.no_reliability, only=args.only or [])
         return 0
     run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
@@ -240,9 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help="AdamW learning rate (default: the run's eval.finetune_lr)")
     ft.set_defaults(func=cmd_finetune)
 
-    ex = sub.add_parser("export", help="write the final encoder as a TorchScript module")
+    from fedssl.export import EXPORT_SUFFIX, LOADERS
+
+    ex = sub.add_parser("export", help="write the final encoder as a module that loads with torch alone",
+                        description="Write a finished run's final encoder: [0, 1] images (N, C, H, W) at the "
+                                    "training resolution in, features (N, D) out, normalisation inside. The suffix "
+                                    f"of --out picks the format: {EXPORT_SUFFIX} = torch.export (load with "
+                                    f"{LOADERS['torch.export']}), any other = TorchScript (load with "
+                                    f"{LOADERS['TorchScript']}).")
     ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True, help="file to write, e.g. encoder.pt")
+    ex.add_argument("--out", required=True, help=f"file to write: encoder.pt (TorchScript) or encoder{EXPORT_SUFFIX} "
+                                                 "(torch.export)")
     ex.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")
@@ -263,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
     bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md and its plots go")
-    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run "
+                       "(applied last: it wins over the preset's values)")
+    bench.add_argument("--only", action="append", metavar="PATTERN", help="compare: run only the settings whose "
+                       "folder name matches (shell pattern, repeatable), e.g. 'centralized-*-s0' "
+                       "'fedmoco-v2-dirichlet-0-5-10c-s0'")
     bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
     bench.set_defaults(func=cmd_bench)
     return parser

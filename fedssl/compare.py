@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,7 +123,7 @@ def run_comparison(settings: Sequence[Setting], root: Path,
     return rows
 
 
-__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "run_comparison", "summarize_run"]
+__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "run_comparison", "select_settings", "summarize_run"]
 
 
 # ---------------------------------------------------------------- the comparison presets (fedssl bench compare)
@@ -168,10 +169,6 @@ class ComparePreset:
     finetune: bool = False
     method_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> preset-specific keys
 
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        return tuple(sorted({*self.ceiling_seeds, *(s for b in self.blocks for s in b.seeds)}))
-
 
 IID = ("IID", ("partition=iid",))
 DIRICHLET = ("Dirichlet 0.5", ("partition=dirichlet", "alpha=0.5"))
@@ -183,8 +180,10 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("FedMoCo v2", "resnet", ("method=fedmoco",)),
     MethodSpec("FedSimCLR", "resnet", ("method=fedsimclr", "ssl.augment=\"simclr\"", "ssl.temperature=0.5")),
     MethodSpec("FedBYOL", "resnet", ("method=fedbyol", "ssl.augment=\"byol\"")),
-    MethodSpec("MocoSFL-1 (cut 1)", "resnet", ("method=mocosfl", "split.cut=1", "split.auto_adjust=true")),
-    MethodSpec("MocoSFL-3 (cut 2)", "resnet", ("method=mocosfl", "split.cut=2", "split.auto_adjust=true")),
+    MethodSpec("MocoSFL-1 (cut 1)", "resnet", ("method=mocosfl", "split.cut=1", "split.auto_adjust=true",
+                                               "ssl.temperature=0.1")),
+    MethodSpec("MocoSFL-3 (cut 2)", "resnet", ("method=mocosfl", "split.cut=2", "split.auto_adjust=true",
+                                               "ssl.temperature=0.1")),
     MethodSpec("centralized MoCo v3 (ViT ceiling)", "vit", ("method=centralized", "ssl.objective=mocov3"),
                federated=False),
     MethodSpec("FedMoCo v3 (ViT, end-to-end)", "vit", ("method=fedmocov3",)),
@@ -289,3 +288,19 @@ def build_grid(preset: ComparePreset, extra: Sequence[str] = ()) -> list[Setting
                                         (*block.overrides, f"clients={block.clients}", *overrides(spec, seed)),
                                         group=block.group, finetune=preset.finetune))
     return settings
+
+
+def select_settings(settings: Sequence[Setting], patterns: Sequence[str]) -> list[Setting]:
+    """The settings whose key (folder name) matches one of the shell-style ``patterns``, in grid order.
+
+    ``()`` keeps every setting. A slice of a preset (``fedssl bench compare --only 'centralized-*-s0'``) runs the
+    very configs of the full grid, so its run directories are the full comparison's own (it continues them).
+    """
+    if not patterns:
+        return list(settings)
+    for pattern in patterns:
+        if not any(fnmatchcase(s.key, pattern) for s in settings):
+            examples = ", ".join(s.key for s in settings[:2])
+            raise FedSSLError(f"--only {pattern!r} matches no setting of this comparison; keys look like "
+                              f"{examples} (write e.g. --only 'fedmoco-v2-*-s0')")
+    return [s for s in settings if any(fnmatchcase(s.key, p) for p in patterns)]

@@ -37,8 +37,7 @@ def fold_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (group, label), runs in folded.items():
         row: dict[str, Any] = {"group": group, "label": label, "method": runs[0]["method"], "seeds": len(runs),
                                "code_versions": sorted({r.get("code_version", "unrecorded") for r in runs})}
-        for run in runs:
-            run.setdefault("knn_gain", run["knn"] - run["knn_init"] if run.get("knn_init") is not None else None)
+        runs = [{"knn_gain": r["knn"] - r["knn_init"] if r.get("knn_init") is not None else None, **r} for r in runs]
         for key in ACCURACIES:
             values = [r[key] for r in runs if r.get(key) is not None]
             row[key] = statistics.fmean(values) if values else None

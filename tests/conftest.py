@@ -25,6 +25,16 @@ def cifar_subset_dir() -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where there is no CUDA device (benchmarks/gpu_check.sh runs them: -m cuda)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU: bash benchmarks/gpu_check.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
     torch.set_num_threads(2)

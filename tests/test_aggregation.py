@@ -30,3 +30,21 @@ def test_bad_weights_are_rejected() -> None:
         weighted_average([{"w": torch.zeros(1)}], [0])
     with pytest.raises(ValueError):
         weighted_average([], [])
+
+
+def test_server_momentum_is_fedavgm_and_plain_fedavg_at_zero() -> None:
+    from fedssl.aggregation import ServerMomentum
+
+    current = {"w": torch.zeros(3), "count": torch.tensor(1)}
+    first = {"w": torch.ones(3), "count": torch.tensor(2)}
+    assert ServerMomentum(0.0, 1.0).step(current, first) is first  # beta 0, lr 1: the average itself
+    server = ServerMomentum(0.9, 1.0)
+    after = server.step(current, first)
+    assert torch.equal(after["w"], torch.ones(3)) and int(after["count"]) == 2  # v = delta on the first step
+    again = server.step(after, {"w": after["w"] + 1, "count": torch.tensor(3)})
+    assert torch.allclose(again["w"], torch.full((3,), 2.9))  # v = 0.9 * 1 + 1, added to 1
+    resumed = ServerMomentum(0.9, 1.0)
+    resumed.load_state_dict(server.state_dict())  # the velocity is server state: a resumed run continues it
+    step = {"w": again["w"] - 0.5, "count": torch.tensor(3)}
+    assert torch.equal(resumed.step(again, step)["w"], server.step(again, step)["w"])
+    assert torch.allclose(ServerMomentum(0.0, 2.0).step(current, first)["w"], torch.full((3,), 2.0))  # server lr

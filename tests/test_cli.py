@@ -7,9 +7,11 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedssl.cli import EXIT_USER_ERROR, main
 from tests.helpers import tiny_args
@@ -91,12 +93,42 @@ def test_resume_refuses_overrides(capsys: pytest.CaptureFixture[str], finished_r
 
 def test_eval_export_report_commands(capsys: pytest.CaptureFixture[str], finished_run: Path, tmp_path: Path) -> None:
     assert main(["eval", str(finished_run), "--no-probe"]) == 0
-    assert "kNN accuracy" in capsys.readouterr().out  # the results table (was "knn_acc": failing at 05b29a1)
-    assert main(["export", str(finished_run), "--out", str(tmp_path / "enc.pt")]) == 0
-    assert (tmp_path / "enc.pt").stat().st_size > 0
+    assert "knn_acc" in capsys.readouterr().out
+    for name in ("enc.pt", "enc.pt2"):  # TorchScript, torch.export
+        assert main(["export", str(finished_run), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).stat().st_size > 0
+    assert "torch.export.load(path).module()" in capsys.readouterr().out
     (finished_run / "report.md").unlink()
     assert main(["report", str(finished_run)]) == 0
     assert "Client cost" in (finished_run / "report.md").read_text()
+
+
+def _drop_checkpoint(run: Path) -> None:
+    (run / "checkpoints" / "last.pt").unlink()
+
+
+def _rewind_checkpoint(run: Path) -> None:
+    """The checkpoint of a run killed before its last round (round 0 of 1)."""
+    path = run / "checkpoints" / "last.pt"
+    torch.save({**torch.load(path, weights_only=True), "round": 0}, path)
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [(_drop_checkpoint, "has no checkpoint yet"),
+                                                  (_rewind_checkpoint, "stopped after round 0 of 1")])
+def test_export_of_an_unfinished_run_gets_one_line(capsys: pytest.CaptureFixture[str], finished_run: Path,
+                                                   tmp_path: Path, damage: Callable[[Path], None],
+                                                   fragment: str) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    damage(copy)
+    out = tmp_path / "encoder.pt2"
+    assert fragment in _error_line(capsys, ["export", str(copy), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_export_to_a_folder_gets_one_line(capsys: pytest.CaptureFixture[str], finished_run: Path,
+                                          tmp_path: Path) -> None:
+    assert "cannot write" in _error_line(capsys, ["export", str(finished_run), "--out", str(tmp_path)])
 
 
 def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
@@ -108,3 +140,38 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.strip().splitlines() == ["fedssl: error: config key 'alpha': -1.0 must be > 0 "
                                                 "(smaller = more non-IID)"]
+
+
+def test_a_device_that_is_not_here_gets_one_line_before_anything_runs(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    out = tmp_path / "never"
+    assert "CUDA is not available" in _error_line(capsys, ["run", *tiny_args("--set=device=cuda"), "--out", str(out)])
+    assert not out.exists()
+    runs = tmp_path / "compare"
+    err = _error_line(capsys, ["bench", "compare", "--preset", "gpu-paper", "--set", "device=cuda", "--runs", str(runs),
+                               "--docs", str(tmp_path / "docs"), "--no-reliability"])
+    assert "device cuda was asked for but CUDA is not available" in err and not runs.exists()
+    assert "cpu, cuda or cuda:N" in _error_line(capsys, ["run", *tiny_args("--set=device=gpu"), "--out", str(out)])
+    only = ["bench", "compare", "--preset", "gpu-paper", "--only", "fedfoo-*", "--runs", str(runs), "--no-reliability"]
+    assert "matches no setting" in _error_line(capsys, only) and not runs.exists()
+
+
+def test_resolve_device_parses_cpu_cuda_and_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedssl.engines.local import resolve_device
+    from fedssl.errors import FedSSLError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs, as torch sees it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(FedSSLError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    for bad in ("gpu", "cuda:", "cuda:x", "CUDA", "cuda1"):
+        with pytest.raises(FedSSLError, match="cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FedSSLError, match="CUDA is not available"):
+        resolve_device("cuda:0")

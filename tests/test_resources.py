@@ -184,7 +184,7 @@ def test_momentum_copies_count_once_and_tied_weights_once() -> None:
     assert cost.param_bytes == 2 * mlp_bytes + (16 + 4) * 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_measure_step_on_cuda_matches_cpu_counts() -> None:
     costs = {}
     for device in ("cpu", "cuda"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedssl.config import RunConfig
+from fedssl.config import DEVICE_PATTERN, RunConfig
 from fedssl.data.datasets import ImageData, load_split
 from fedssl.data.partition import class_histogram, hold_out, partition
 from fedssl.errors import FedSSLError
@@ -63,8 +63,22 @@ def load_federation(cfg: RunConfig, pooled: bool) -> Federation:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedSSLError(f"device {name} was asked for but CUDA is not available here; use --set device=cpu")
+    """The torch device of a config's ``device``: ``cpu``, ``cuda`` (= the current CUDA device) or ``cuda:N``.
+
+    A device this machine does not have is one clear error naming the fix, before anything is built on it.
+    """
+    match = DEVICE_PATTERN.fullmatch(name)
+    if match is None:
+        raise FedSSLError(f"device {name!r} is not cpu, cuda or cuda:N; use e.g. --set device=cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise FedSSLError(f"device {name} was asked for but CUDA is not available here "
+                          f"(torch {torch.__version__}); use --set device=cpu")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise FedSSLError(f"device {name} was asked for but this machine has {count} CUDA device(s); "
+                          f"use cuda:0 to cuda:{count - 1}")
     return torch.device(name)
 
 

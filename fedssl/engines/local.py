@@ -19,11 +19,13 @@ import torch
 
 from fedssl.config import RunConfig
 from fedssl.data.augment import EvalTransform
+from fedssl.data.datasets import DatasetInfo
 from fedssl.errors import FedSSLError
 from fedssl.evaluation import PixelEncoder, evaluate, extract_features, knn_accuracy
 from fedssl.methods import METHODS, build_method
 from fedssl.methods.base import FederatedMethod, Method, MethodContext
 from fedssl.methods.split import SplitMethod
+from fedssl.models.encoder import Encoder
 from fedssl.resources import Ledger
 from fedssl.run_dir import RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir
 from fedssl.engines.federation import Federation, load_federation, resolve_device  # noqa: F401 (re-exported)
@@ -153,11 +155,22 @@ def evaluate_run(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
 
     cfg, run, method, fed, device = _restore(path)
     cfg = replace(cfg, eval=replace(cfg.eval, probe=probe))
-    result = full_evaluation(method, fed, cfg, device)
-    untrained = build_method(MethodContext(cfg, fed.train.info, device))
-    result.update(baseline_split(baseline_evaluation(untrained, fed, cfg, device)))
+    with torch_threads(cfg.threads):  # the run's thread count, as while it trained
+        result = full_evaluation(method, fed, cfg, device)
+        untrained = build_method(MethodContext(cfg, fed.train.info, device))
+        result.update(baseline_split(baseline_evaluation(untrained, fed, cfg, device)))
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2, sort_keys=True))
     return result
+
+
+def evaluate_baselines(cfg: RunConfig) -> dict[str, Any]:
+    """Without training: the random-init encoder of the config's FINAL architecture and raw pixels, scored as every
+    run scores its encoder (``baseline_evaluation``)."""
+    device = resolve_device(cfg.device)
+    with torch_threads(cfg.threads):
+        fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
+        method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
+        return baseline_split(baseline_evaluation(method, fed, cfg, device))
 
 
 def baseline_split(initial: dict[str, Any]) -> dict[str, Any]:
@@ -181,22 +194,28 @@ def finetune_run(path: str | Path, *, epochs: int | None = None, lr: float | Non
     cfg = validate(replace(cfg, eval=ev))
     info = fed.train.info
     crop_flip = MaskedViewAugment(int(fed.train.images.shape[-1]), info.mean, info.std, channels=info.channels).to(device)
-    result = fine_tune(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
-                       augment=lambda images: crop_flip(images)[0], transform=eval_transform(fed, device),
-                       epochs=ev.finetune_epochs, lr=ev.finetune_lr, weight_decay=ev.finetune_weight_decay,
-                       batch_size=ev.finetune_batch_size, device=device, seed=cfg.seed,
-                       num_classes=info.num_classes)
+    with torch_threads(cfg.threads):  # the run's thread count, as while it trained
+        result = fine_tune(method.encoder(), fed.train.images, fed.train.labels, fed.test.images, fed.test.labels,
+                           augment=lambda images: crop_flip(images)[0], transform=eval_transform(fed, device),
+                           epochs=ev.finetune_epochs, lr=ev.finetune_lr, weight_decay=ev.finetune_weight_decay,
+                           batch_size=ev.finetune_batch_size, device=device, seed=cfg.seed,
+                           num_classes=info.num_classes)
     result = {**result, "epochs": ev.finetune_epochs, "lr": ev.finetune_lr}
     atomic_write_text(run.path / "finetune.json", json.dumps(result, indent=2, sort_keys=True))
     return result
 
 
+def restore_final_encoder(path: str | Path) -> tuple[Encoder, DatasetInfo, int]:
+    """A finished run's final encoder (``method.encoder()``), its data's info (channels, mean, std) and image side."""
+    _, _, method, fed, _ = _restore(path)
+    return method.encoder(), fed.train.info, int(fed.train.images.shape[-1])
+
+
 def export_run(path: str | Path, out: str | Path) -> tuple[int, ...]:
-    """Write a finished run's final encoder as TorchScript; returns the input shape (C, H, W) it expects."""
+    """Write a finished run's final encoder to ``out`` (format by suffix, see ``fedssl.export``);
+    returns the input shape (C, H, W) it expects."""
     from fedssl.export import export_encoder
 
-    cfg, _, method, fed, _ = _restore(path)
-    info = fed.train.info
-    size = int(fed.train.images.shape[-1])
-    export_encoder(method.encoder(), mean=info.mean, std=info.std, channels=info.channels, image_size=size, path=out)
+    encoder, info, size = restore_final_encoder(path)
+    export_encoder(encoder, mean=info.mean, std=info.std, channels=info.channels, image_size=size, path=out)
     return (info.channels, size, size)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedssl.aggregation import weighted_average
+from fedssl.aggregation import ServerMomentum, weighted_average
 from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
 from fedssl.methods.base import (ClientResult, FederatedClient, FederatedMethod, MethodContext, Payload, build_augment,
@@ -67,6 +67,7 @@ class FedAvgSSL(FederatedMethod):
         self.global_model = self.build_model(ctx)
         self.client = self.build_client(ctx)  # the clients simulated in this process
         self.augment = self.build_augment(ctx)
+        self.server_optimizer = ServerMomentum(self.cfg.server_momentum, self.cfg.server_lr)
 
     @classmethod
     def objective_of(cls, cfg: RunConfig) -> str:
@@ -95,7 +96,8 @@ class FedAvgSSL(FederatedMethod):
         if not trained:
             return
         averaged = weighted_average([r.upload for r in trained], [r.num_samples for r in trained])
-        self.global_model.load_exchanged_state(averaged)
+        current = self.global_model.exchanged_state()
+        self.global_model.load_exchanged_state(self.server_optimizer.step(current, averaged))
 
     def expected_upload(self, round_index: int) -> Payload:
         return self.global_model.exchanged_state()
@@ -104,11 +106,13 @@ class FedAvgSSL(FederatedMethod):
         return self.global_model.encoder
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_model": self.global_model.state_dict(), "clients": self.client.state_dict()}
+        return {"global_model": self.global_model.state_dict(), "clients": self.client.state_dict(),
+                "server_momentum": self.server_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_model.load_state_dict(state["global_model"])
         self.client.load_state_dict(state.get("clients", {}))
+        self.server_optimizer.load_state_dict(state.get("server_momentum", {}))
 
     def measure_client_step(self, data: ImageData) -> StepCost:
         return measure_ssl_step(self.client.worker, data, self.ctx, self.cfg.lr, self.client.augment)

@@ -17,7 +17,9 @@ starts from the seeded initial client-net (nothing to download before the first 
 
 ``split.auto_adjust`` reproduces the reference scripts' choice for N clients:
 ``client_batch = 100 // N`` for N <= 50 else 1; ``clients_per_step = 100 / N``
-for N >= 200 (about 100 images per server step) else 1; ``sync_every = 50``.
+for N >= 200 (about 100 images per server step) else 1. It picks only what depends
+on N: ``sync_every`` stays the config's (its default, 50, is the reference's), so
+``--set split.sync_every=...`` shortens a round of a preset that auto-adjusts.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ class MocoSFL(SplitMethod):
             size, channels = self.ctx.image_size, self.ctx.info.channels
             net = self.server.client_nets(momentum=False)["online"]
             with torch.no_grad():
-                probe = net(torch.zeros(self.split.client_batch, channels, size, size, device=self.ctx.device))
+                dtype = next(net.parameters()).dtype
+                probe = net(torch.zeros(self.split.client_batch, channels, size, size, device=self.ctx.device,
+                                        dtype=dtype))
             self._activations = {"query": torch.empty(probe.shape), "key": torch.empty(probe.shape)}
         return self._activations
 

@@ -38,19 +38,19 @@ from fedssl.resources import StepCost, measure_step
 from fedssl.training import derive_seed, round_lr
 
 AUTO_SERVER_BATCH = 100  # auto_adjust: images per server step the reference scripts aim at
-AUTO_SYNC_EVERY = 50
 ONLINE, MOMENTUM = "online", "momentum"  # payload key prefixes of the client-nets: "online/<parameter>"
 VIEW_SEED, SHUFFLE_SEED = 0x5F1, 0x5F2
 BATCH_WIDE_PARAMS = ("order", "forward_input_shape")  # kornia parameters shared by a whole batch
 
 
 def effective_split(split: SplitConfig, num_clients: int) -> SplitConfig:
-    """The split settings in force: the config's, or the reference scripts' choice for N clients (auto_adjust)."""
+    """The split settings in force: the config's, or with auto_adjust the reference scripts' client batch and
+    clients per step for N clients (``sync_every`` is always the config's)."""
     if not split.auto_adjust:
         return split
     batch = max(1, AUTO_SERVER_BATCH // num_clients) if num_clients <= 50 else 1
     fraction = min(1.0, AUTO_SERVER_BATCH / num_clients) if num_clients >= 200 else 1.0
-    return replace(split, client_batch=batch, clients_per_step=fraction, sync_every=AUTO_SYNC_EVERY)
+    return replace(split, client_batch=batch, clients_per_step=fraction)
 
 
 def check_cut(encoder: Encoder, cut: int) -> None:

@@ -1,8 +1,10 @@
-"""MocoSFL: split + concatenation == unsplit, batched == per-client loop, sync, queues, runs and resume."""
+"""MocoSFL: split + concatenation == unsplit, batched == per-client loop == a plain per-client reference, sync,
+queues, runs and resume after a real kill."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +14,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import fedssl.engines.local as engine
+from fedssl.config import SplitConfig
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.errors import ConfigError
-from fedssl.engines.local import SilentObserver, resume_run, start_run
+import fedssl.engines.steps as split_steps
+from fedssl.engines.local import SilentObserver, start_run
 from fedssl.engines.steps import LocalSplitExchange, split_round, step_clients, sync_clients
 from fedssl.losses import info_nce, symmetric_info_nce
 from fedssl.methods.base import MethodContext
 from fedssl.methods.mocosfl import MocoSFL, banked_info_nce, effective_split
-from fedssl.methods.mocosfl_client import forward_at_cut
+from fedssl.methods.mocosfl_client import MocoSFLClients, forward_at_cut
+from fedssl.methods.split import StepTask
 from fedssl.models.resnet import ResNet
 from fedssl.models.ssl import MoCoV2, NegativeQueue
-from fedssl.models.stacked import (batched_forward, broadcast_, gather, scatter_, stack_mean, stack_module,
-                                   stacked_ema_, stacked_sgd_step_, to_stacked, zeros_like_stack)
+from fedssl.models.stacked import (batched_forward, broadcast_, clone_stack, gather, scatter_, stack_mean,
+                                   stack_module, stacked_ema_, stacked_sgd_step_, to_stacked, zeros_like_stack)
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger
-from tests.helpers import tiny_config
-
-TIMING_KEYS = {"seconds", "images_per_s"}
+from tests.helpers import assert_resume_is_exact, tiny_config
 
 
 def sfl_config(*overrides: str):
@@ -276,7 +278,9 @@ def test_config_errors_name_the_fix() -> None:
     auto = sfl_config("split.auto_adjust=true").split
     assert (effective_split(auto, 10).client_batch, effective_split(auto, 10).clients_per_step) == (10, 1.0)
     big = effective_split(auto, 1000)
-    assert (big.client_batch, big.clients_per_step, big.sync_every) == (1, 0.1, 50)
+    assert (big.client_batch, big.clients_per_step) == (1, 0.1)
+    assert big.sync_every == auto.sync_every == 2  # the config's: a tiny run of an auto-adjusted preset stays tiny
+    assert effective_split(SplitConfig(auto_adjust=True), 1000).sync_every == 50  # the default: the reference's
 
 
 def test_step_sampling_is_seeded_and_never_favours_client_zero() -> None:
@@ -305,29 +309,12 @@ def test_a_thousand_clients_of_one_image_train_one_round() -> None:
 # ------------------------------------------------------------------ engine runs
 
 
-def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = sfl_config("rounds=2", "clients=4", "split.clients_per_step=0.5", "eval.every=0")
-    full = start_run(cfg, tmp_path / "full")
-    real_round = engine.run_round
-
-    def crash_in_round_two(method, fed, cfg, round_index, ledger, observer):
-        if round_index == 1:
-            raise KeyboardInterrupt  # as if killed after the checkpoint of round 1
-        return real_round(method, fed, cfg, round_index, ledger, observer)
-
-    monkeypatch.setattr(engine, "run_round", crash_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        start_run(cfg, tmp_path / "crashed")
-    monkeypatch.setattr(engine, "run_round", real_round)
-    resumed = resume_run(tmp_path / "crashed")
-    assert _comparable(resumed.metrics) == _comparable(full.metrics)
-    assert resumed.final == full.final
-    assert resumed.ledger.rows == full.ledger.rows
-    report = (tmp_path / "crashed" / "report.md").read_text()
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A real `fedssl run` killed by SIGKILL after its first checkpoint and resumed: the client stacks, SGD
+    buffers, server, queue and who-holds-the-latest-net come back, so the run ends exactly like an uninterrupted one."""
+    cfg = sfl_config("rounds=3", "clients=4", "split.clients_per_step=0.5", "eval.every=0", "threads=2")
+    assert_resume_is_exact(cfg, tmp_path)
+    report = (tmp_path / "killed" / "report.md").read_text()
     assert "server FLOPs per image" in report
 
 
@@ -341,3 +328,214 @@ def test_real_cifar10_subset_loss_falls(tmp_path: Path, cifar_subset_dir: Path) 
     losses = [m["loss"] for m in out.metrics]
     assert all(np.isfinite(losses)) and losses[-1] < losses[1] - 0.1, losses
     assert out.final["knn_acc"] > out.initial["knn_acc"]
+
+
+# ------------------------------------------------------------------ batched == an independent plain reference
+
+
+def _nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor | None, t: float) -> torch.Tensor:
+    """MoCo InfoNCE written out: queue-only negatives, or the batch's other keys while the queue is empty."""
+    if negatives is None:
+        return F.cross_entropy(q @ k.T / t, torch.arange(len(q)))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / t
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+
+@torch.no_grad()
+def _ema(target: nn.Module, online: nn.Module, tau: float) -> None:
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(tau).add_(o, alpha=1 - tau)
+
+
+@torch.no_grad()
+def _average_into(nets: list[nn.Module], participants: list[int]) -> None:
+    """Every net <- the mean of the participants' nets."""
+    for params in zip(*(net.parameters() for net in nets), strict=True):
+        mean = torch.stack([params[c] for c in participants]).mean(0)
+        for p in params:
+            p.copy_(mean)
+
+
+class PlainMocoSFL:
+    """MocoSFL written plainly: per client an nn.Module copy of ``encoder.layers[:cut]`` (online and momentum) with
+    its own torch.optim.SGD; the server's modules with theirs; one FIFO queue (a tensor, oldest key first). The
+    client nets and the server run as ONE graph, so the gradient reaches the clients by ordinary backward."""
+
+    def __init__(self, method: MocoSFL) -> None:
+        cfg, server = method.cfg, method.server
+        self.cfg, self.cut = cfg, method.cut
+        client = nn.Sequential(*server.encoder.layers[:self.cut])
+        self.online = [copy.deepcopy(client) for _ in range(cfg.clients)]
+        self.momentum = [copy.deepcopy(client) for _ in range(cfg.clients)]
+        self.encoder, self.projector = copy.deepcopy(server.encoder), copy.deepcopy(server.projector)
+        self.momentum_encoder = copy.deepcopy(server.momentum_encoder)
+        self.momentum_projector = copy.deepcopy(server.momentum_projector)
+
+        def sgd(module: nn.Module) -> torch.optim.SGD:
+            return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum,
+                                   weight_decay=cfg.weight_decay)
+
+        self.client_sgd = [sgd(net) for net in self.online]
+        self.server_sgd = sgd(self.server_part(self.encoder, self.projector))
+        self.queue = torch.zeros(0, cfg.ssl.proj_dim, dtype=torch.float64)
+
+    def server_part(self, encoder: nn.Module, projector: nn.Module) -> nn.ModuleList:
+        return nn.ModuleList([*encoder.layers[self.cut:], encoder.norm, projector])
+
+    def step(self, view1: torch.Tensor, view2: torch.Tensor, active: list[int], lr: float) -> float:
+        """One step; views (n*B, C, H, W), client-major over the ``active`` clients."""
+        batch, t, tau = len(view1) // len(active), self.cfg.ssl.temperature, self.cfg.ssl.momentum
+        for opt in (self.server_sgd, *self.client_sgd):
+            opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        mine = [slice(j * batch, (j + 1) * batch) for j in range(len(active))]
+        query = torch.cat([self.online[c](view1[s]) for c, s in zip(active, mine)])
+        with torch.no_grad():
+            key = torch.cat([self.momentum[c](view2[s]) for c, s in zip(active, mine)])
+        n = len(query)
+        z = F.normalize(self.projector(self.encoder.forward_from(torch.cat([query, key]), self.cut)), dim=1)
+        with torch.no_grad():
+            m = F.normalize(self.momentum_projector(self.momentum_encoder.forward_from(
+                torch.cat([key, query]), self.cut)), dim=1)
+        negatives = self.queue if len(self.queue) else None
+        loss = 0.5 * (_nce(z[:n], m[:n], negatives, t) + _nce(z[n:], m[n:], negatives, t))
+        loss.backward()
+        self.server_sgd.step()
+        _ema(self.server_part(self.momentum_encoder, self.momentum_projector),
+             self.server_part(self.encoder, self.projector), tau)
+        for c in active:
+            self.client_sgd[c].step()
+            _ema(self.momentum[c], self.online[c], tau)
+        self.queue = torch.cat([self.queue, m[:n], m[n:]])[-self.cfg.ssl.queue_size:]
+        return loss.item()
+
+    def sync(self, participants: list[int]) -> None:
+        _average_into(self.online, participants)
+        if self.cfg.split.sync_momentum:
+            _average_into(self.momentum, participants)
+
+
+class RecordedViews:
+    """The clients' own views of a step, kept (in float64, flattened client-major to (n*B, C, H, W)) so that the
+    reference sees the same inputs."""
+
+    def __init__(self, views: Callable[[StepTask], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.make, self.views = views, []
+
+    def __call__(self, task: StepTask) -> tuple[torch.Tensor, torch.Tensor]:
+        views = tuple(v.double() for v in self.make(task))
+        self.views.append(tuple(v.flatten(0, 1) for v in views))
+        return views  # type: ignore[return-value]
+
+
+TOL = dict(rtol=1e-8, atol=1e-10)  # float64 on both sides
+
+
+def _assert_close_pairs(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine, theirs.detach(), **TOL)
+
+
+def _stack_and_nets(stack: dict[str, torch.Tensor], nets: list[nn.Module]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(client c's row of the stack, client c's parameter) for every client and parameter."""
+    return ((stack[name][c], p) for c, net in enumerate(nets) for name, p in net.named_parameters())
+
+
+def _stack_and_buffers(stack: dict[str, torch.Tensor], nets: list[nn.Module], optimizers: list[torch.optim.SGD]
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(client c's row of the stacked SGD buffers, torch.optim.SGD's momentum buffer of client c's parameter)."""
+    return ((stack[name][c], optimizers[c].state[p]["momentum_buffer"])
+            for c, net in enumerate(nets) for name, p in net.named_parameters())
+
+
+def _modules_pairs(a: nn.Module, b: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return zip(a.parameters(), b.parameters(), strict=True)
+
+
+def _in_time_order(queue: NegativeQueue) -> torch.Tensor:
+    """A ring buffer's keys, oldest first."""
+    held, keys = int(queue.length[0]), queue.keys[0]
+    return keys[:held] if held < queue.size else keys.roll(-int(queue.ptr[0]), 0)
+
+
+class FixedSchedule:
+    """Stands in for ``engines.steps.step_clients``: step s's active clients are ``steps[s]`` (None = all)."""
+
+    def __init__(self, steps: list[list[int] | None], clients: int) -> None:
+        self.steps, self.clients, self.taken = steps, clients, 0
+
+    def __call__(self, split: SplitConfig, num_clients: int, generator: torch.Generator) -> torch.Tensor:
+        active = self.active(self.taken)
+        self.taken += 1
+        return torch.tensor(active)
+
+    def active(self, step: int) -> list[int]:
+        return self.steps[step] or list(range(self.clients))
+
+
+class SyncSpy:
+    """Wraps the clients' ``upload`` (called by the sync only): keeps the client stacks as they were just before."""
+
+    def __init__(self, clients: MocoSFLClients) -> None:
+        self.clients, self.upload, self.before = clients, clients.upload, []
+
+    def __call__(self, participants: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.before.append((clone_stack(self.clients.online), clone_stack(self.clients.momentum)))
+        return self.upload(participants)
+
+
+def _distinct_clients(method: MocoSFL, reference: PlainMocoSFL) -> None:
+    """Move each client's online and momentum net its own way, in the method's stacks and the reference alike."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for stack, nets in ((method.clients.online, reference.online), (method.clients.momentum, reference.momentum)):
+            for t in stack.values():
+                t.add_(0.1 * torch.randn_like(t))
+            for c, net in enumerate(nets):
+                for name, p in net.named_parameters():
+                    p.copy_(stack[name][c])
+
+
+@pytest.mark.parametrize("sync_momentum", [True, False])
+def test_batched_simulation_equals_a_plain_per_client_reference(sync_momentum: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 distinct clients (cut 2), steps with all / some / one client active, a shared queue that wraps,
+    2 rounds of 3 steps with a sync after each: the stacked, batched MocoSFL gives the losses, client nets
+    (just before and after each sync), SGD buffers, server and momentum weights and queue of plain per-client
+    modules with torch.optim.SGD (:class:`PlainMocoSFL`), in float64."""
+    cfg = sfl_config("clients=3", "split.cut=2", "split.sync_every=3", "ssl.queue_size=16", "lr=0.05",
+                     "lr_schedule=constant", f"split.sync_momentum={str(sync_momentum).lower()}")
+    method, data = build(cfg)
+    _double(method)
+    reference = PlainMocoSFL(method)
+    _distinct_clients(method, reference)
+    schedule = FixedSchedule([None, [0, 2], [1], [1, 2], None, [2]], clients=3)
+    monkeypatch.setattr(split_steps, "step_clients", schedule)
+    clients = method.clients
+    clients.views = recorded = RecordedViews(clients.views)  # type: ignore[method-assign]
+    clients.upload = spy = SyncSpy(clients)  # type: ignore[method-assign]
+    for round_index in (1, 2):  # round 0 would also measure a server step (on a copy)
+        row = train_round(method, round_index, data.__getitem__, Ledger(rows=[]))
+        steps = range((round_index - 1) * 3, round_index * 3)
+        losses = [reference.step(*recorded.views[s], schedule.active(s), cfg.lr) for s in steps]
+        assert row["loss"] == pytest.approx(sum(losses) / 3, rel=1e-10)
+        online, momentum = spy.before[-1]
+        _assert_close_pairs(_stack_and_nets(online, reference.online))
+        _assert_close_pairs(_stack_and_nets(momentum, reference.momentum))
+        reference.sync(sorted({c for s in steps for c in schedule.active(s)}))
+        _assert_close_pairs(_stack_and_nets(clients.online, reference.online))
+        _assert_close_pairs(_stack_and_nets(clients.momentum, reference.momentum))
+        _assert_close_pairs(_stack_and_buffers(clients.sgd, reference.online, reference.client_sgd))
+    assert not torch.equal(spy.before[0][0]["0.0.weight"][0], spy.before[0][0]["0.0.weight"][1])  # they differed
+    server = method.server
+    _assert_close_pairs(_modules_pairs(reference.server_part(server.encoder, server.projector),
+                                       reference.server_part(reference.encoder, reference.projector)))
+    _assert_close_pairs(_modules_pairs(
+        reference.server_part(server.momentum_encoder, server.momentum_projector),
+        reference.server_part(reference.momentum_encoder, reference.momentum_projector)))
+    # the global encoder's client part is the averaged online client-net (and the momentum one, if synced)
+    _assert_close_pairs(_modules_pairs(nn.Sequential(*server.encoder.layers[:2]), reference.online[0]))
+    if sync_momentum:
+        _assert_close_pairs(_modules_pairs(nn.Sequential(*server.momentum_encoder.layers[:2]), reference.momentum[0]))
+    torch.testing.assert_close(_in_time_order(server.queue).double(), reference.queue, **TOL)

@@ -149,3 +149,20 @@ def test_bad_arguments() -> None:
         build_encoder("vit", in_channels=3, image_size=32, preset="tiny")
     with pytest.raises(ConfigError, match="preset"):
         build_encoder("vit", in_channels=3, image_size=32, preset="huge", patch_size=4)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_a_staged_vit_exports_with_its_in_process_features(tmp_path, suffix: str) -> None:
+    """A staged run ends with frozen blocks and a trainable last block (each picks another kernel in grad mode)."""
+    from fedssl.export import export_encoder
+    from fedssl.stages import set_trainable
+
+    model = small_vit().train()
+    set_trainable(model.layers[:-1], False)
+    path = tmp_path / f"encoder{suffix}"
+    export_encoder(model, mean=[0.5] * 3, std=[0.25] * 3, channels=3, image_size=16, path=path)
+    loaded = torch.export.load(path).module() if suffix == ".pt2" else torch.jit.load(path)
+    images = torch.rand(3, 3, 16, 16)  # (N, C, H, W) in [0, 1]
+    with torch.no_grad():
+        expected = model.eval()((images - 0.5) / 0.25)
+    torch.testing.assert_close(loaded(images), expected, rtol=1e-4, atol=1e-5)
