@@ -235,7 +235,19 @@ def method_rules() -> MethodRules:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Raise ConfigError for a value out of range; return cfg unchanged otherwise."""
+    """Raise ConfigError for a value out of range; return cfg unchanged otherwise.
+
+    The sections run in a fixed order, so a config with several faults always names the same one first.
+    """
+    for section in (_validate_choices, _validate_run, _validate_model, _validate_ssl, _validate_split,
+                    _validate_eval, _validate_staged, _validate_flower, _validate_mae):
+        section(cfg)
+    method_rules().validate(cfg)
+    return cfg
+
+
+def _validate_choices(cfg: RunConfig) -> None:
+    """The named choices: method, dataset, partition, optimizer, schedule, backbone, SSL objective."""
     _one_of(cfg.method, method_rules().names, "method")
     _one_of(cfg.dataset, DATASET_NAMES, "dataset")
     _one_of(cfg.partition, PARTITION_NAMES, "partition")
@@ -246,6 +258,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of(cfg.model.stem, ("cifar", "imagenet"), "model.stem")
     _one_of(cfg.ssl.objective, OBJECTIVES, "ssl.objective")
     _one_of(cfg.ssl.augment, ("mocov2", "simclr", "byol"), "ssl.augment")
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    """The top-level ranges: partition, rounds and sampling, local training, checkpoints, device."""
     _check(cfg.alpha > 0, "alpha", f"{cfg.alpha} must be > 0 (smaller = more non-IID)")
     _check(cfg.classes_per_client >= 1, "classes_per_client", "must be >= 1")
     _check(cfg.shards_per_client >= 1, "shards_per_client", "must be >= 1")
@@ -263,22 +279,38 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.threads >= 0, "threads", "must be >= 0")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "use cpu or cuda[:N]")
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    """[model]: ranges (its named choices: :func:`_validate_choices`)."""
     _check(cfg.model.width >= 1, "model.width", "must be >= 1")
     _check(cfg.model.group_channels >= 0, "model.group_channels", "must be >= 0 (0 = up to 32 groups of >= 2)")
     _check(len(cfg.model.blocks_per_stage) >= 1 and min(cfg.model.blocks_per_stage) >= 1,
            "model.blocks_per_stage", "needs one or more stages of >= 1 block, e.g. [2, 2, 2, 2]")
     _check(cfg.model.depth >= 1 and cfg.model.heads >= 1 and cfg.model.patch_size >= 1,
            "model", "ViT depth, heads and patch_size must be >= 1")
+
+
+def _validate_ssl(cfg: RunConfig) -> None:
+    """[ssl]: ranges (its named choices: :func:`_validate_choices`)."""
     _check(cfg.ssl.temperature > 0, "ssl.temperature", "must be > 0")
     _check(cfg.ssl.queue_size >= 0, "ssl.queue_size", "must be >= 0")
     _check(0 <= cfg.ssl.momentum <= 1, "ssl.momentum", "must be in [0, 1]")
     _check(cfg.ssl.proj_hidden >= 1 and cfg.ssl.proj_dim >= 1, "ssl", "projection sizes must be >= 1")
+
+
+def _validate_split(cfg: RunConfig) -> None:
+    """[split]: the split-learning protocol's choices and ranges."""
     _one_of(cfg.split.queue, ("shared", "per_client"), "split.queue")
     _one_of(cfg.split.simulate, ("batched", "loop"), "split.simulate")
     _check(cfg.split.cut >= 1, "split.cut", "must be >= 1 (1 = the client runs the stem only)")
     _check(cfg.split.client_batch >= 1, "split.client_batch", "must be >= 1")
     _check(0 < cfg.split.clients_per_step <= 1, "split.clients_per_step", "must be in (0, 1]")
     _check(cfg.split.sync_every >= 1, "split.sync_every", "must be >= 1")
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    """[eval]: kNN, linear probe, validation split and fine-tuning."""
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(cfg.eval.knn_t > 0, "eval.knn_t", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
@@ -289,11 +321,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.eval.finetune_lr > 0, "eval.finetune_lr", "must be > 0")
     _check(cfg.eval.finetune_weight_decay >= 0, "eval.finetune_weight_decay", "must be >= 0")
     _check(cfg.eval.finetune_batch_size >= 1, "eval.finetune_batch_size", "must be >= 1")
-    _validate_staged(cfg)
-    _validate_flower(cfg)
-    _validate_mae(cfg)
-    method_rules().validate(cfg)
-    return cfg
 
 
 def _validate_flower(cfg: RunConfig) -> None:
