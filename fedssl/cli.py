@@ -212,10 +212,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedssl", description="Federated self-supervised pre-training.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    """``fedssl run``: start or resume a pre-training."""
     run = sub.add_parser("run", help="run a (new or resumed) federated pre-training")
     run.add_argument("--config", help="a TOML preset, e.g. configs/cifar10/fedmoco.toml")
     run.add_argument("--method", help=f"one of {', '.join(method_rules().names)}")
@@ -228,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="one line per round instead of progress bars")
     run.set_defaults(func=cmd_run)
 
+
+def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
+    """``fedssl eval | finetune | export | report RUN_DIR``: what is done with a finished run."""
     ev = sub.add_parser("eval", help="kNN and linear probe of a run's final encoder")
     ev.add_argument("run_dir")
     ev.add_argument("--no-probe", action="store_true", help="kNN only")
@@ -256,10 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
 
-    from fedssl.engines.flower.deploy import add_deploy_commands
 
-    add_deploy_commands(sub)
-
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """``fedssl bench overhead | compare``."""
     bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
     bench.add_argument("name", choices=["overhead", "compare"],
                        help="overhead: centralized vs federated images/s and memory; compare: every method on the "
@@ -277,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "'fedmoco-v2-dirichlet-0-5-10c-s0'")
     bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
     bench.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedssl`` parser: every subcommand, in the order ``--help`` lists them."""
+    from fedssl.engines.flower.deploy import add_deploy_commands
+
+    parser = argparse.ArgumentParser(prog="fedssl", description="Federated self-supervised pre-training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_command(sub)
+    _add_run_dir_commands(sub)
+    add_deploy_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -139,6 +139,64 @@ def _accuracy(classifier: nn.Linear, features: Tensor, labels: Tensor, chunk: in
     return correct / features.shape[0]
 
 
+def _check_training(epochs: int, batch_size: int, lr: float) -> None:
+    if epochs <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+
+
+def _adamw_cosine(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
+                  steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over ``params`` with a cosine learning-rate decay to zero over ``steps`` optimizer steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+
+
+_Forward = Callable[[Tensor], tuple[Tensor, Tensor]]  # batch indices (B,) -> logits (B, classes), labels (B,)
+
+
+def _train_epochs(forward: _Forward, n: int, *, epochs: int, batch_size: int, optimizer: torch.optim.Optimizer,
+                  schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> tuple[float, int]:
+    """``epochs`` of cross-entropy steps over ``n`` samples shuffled by ``generator``, ``batch_size`` at a time.
+
+    Returns the last epoch's (sum of per-sample losses, number of correct predictions).
+    """
+    loss_sum, correct = 0.0, 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)  # (n,)
+            loss_sum, correct = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]  # (B,)
+                logits, labels = forward(idx)  # (B, classes), (B,)
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * idx.numel()
+                correct += int((logits.argmax(dim=1) == labels).sum())
+    return loss_sum, correct
+
+
+def _zero_linear(dim: int, classes: int) -> nn.Linear:
+    """A (dim -> classes) linear layer with zero weight and bias."""
+    classifier = nn.Linear(dim, classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    return classifier
+
+
+def _extra_scores(classifier: nn.Linear, train_features: Tensor,
+                  extra: dict[str, tuple[Tensor, Tensor]] | None) -> dict[str, float]:
+    """``{name}_acc`` for every extra split, standardised with the TRAIN statistics."""
+    scores: dict[str, float] = {}
+    mean, std = _train_statistics(train_features.float())  # (1, D) each
+    for name, (features, labels) in (extra or {}).items():
+        _check_split(features, labels, name)
+        scores[f"{name}_acc"] = _accuracy(classifier, (features.float() - mean) / std, labels.long())
+    return scores
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -166,46 +224,26 @@ def linear_probe(
     """
     _check_split(train_features, train_labels, "train")
     _check_split(test_features, test_labels, "test")
-    if epochs <= 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    _check_training(epochs, batch_size, lr)
     classes = _num_classes(train_labels, num_classes)
     train_x, test_x = _standardise(train_features.float(), test_features.float())  # (Ntr, D), (Nte, D)
-    train_y = train_labels.long()
+    train_y = train_labels.long()  # (Ntr,)
+    n = train_x.shape[0]
 
-    classifier = nn.Linear(train_x.shape[1], classes)
-    nn.init.zeros_(classifier.weight)
-    nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(train_x.shape[0] / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-
-    train_loss = 0.0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(train_x.shape[0], generator=generator)
-            total = 0.0
-            for start in range(0, train_x.shape[0], batch_size):
-                idx = order[start : start + batch_size]
-                loss = F.cross_entropy(classifier(train_x[idx]), train_y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total += loss.item() * idx.numel()
-            train_loss = total / train_x.shape[0]
+    classifier = _zero_linear(train_x.shape[1], classes)
+    optimizer, schedule = _adamw_cosine(classifier.parameters(), lr=lr, weight_decay=weight_decay,
+                                        steps=epochs * math.ceil(n / batch_size))
+    loss_sum, _ = _train_epochs(lambda idx: (classifier(train_x[idx]), train_y[idx]), n, epochs=epochs,
+                                batch_size=batch_size, optimizer=optimizer, schedule=schedule,
+                                generator=torch.Generator().manual_seed(seed))
 
     # test labels are read here, once, after training is finished
     scores = {
         "train_acc": _accuracy(classifier, train_x, train_y),
         "test_acc": _accuracy(classifier, test_x, test_labels.long()),
-        "train_loss": train_loss,
+        "train_loss": loss_sum / n,
     }
-    mean, std = _train_statistics(train_features.float())
-    for name, (features, labels) in (extra or {}).items():
-        _check_split(features, labels, name)
-        scores[f"{name}_acc"] = _accuracy(classifier, (features.float() - mean) / std, labels.long())
-    return scores
+    return {**scores, **_extra_scores(classifier, train_features, extra)}
 
 
 @dataclass(frozen=True)
@@ -285,6 +323,22 @@ def evaluate(
                       val_probe_acc=scores.get("val_acc"))
 
 
+def _trainable_copy(encoder: nn.Module, device: str | torch.device) -> nn.Module:
+    """A deep copy of ``encoder`` on ``device`` with every parameter trainable (frozen flags lifted)."""
+    model = copy.deepcopy(encoder).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _logit_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, *, transform: Callable[[Tensor], Tensor],
+                    batch_size: int, device: str | torch.device) -> float:
+    """Accuracy of ``classifier`` (images -> logits) in eval mode, no gradients."""
+    logits = extract_features(classifier, images, transform=transform, batch_size=batch_size,
+                              device=device)  # (N, classes)
+    return float((logits.argmax(dim=1) == labels.long()).float().mean())
+
+
 def fine_tune(
     encoder: nn.Module,
     train_images: Tensor,
@@ -313,42 +367,27 @@ def fine_tune(
     """
     _check_images(train_images, train_labels, "train")
     _check_images(test_images, test_labels, "test")
-    if epochs <= 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    _check_training(epochs, batch_size, lr)
     classes = _num_classes(train_labels, num_classes)
-    model = copy.deepcopy(encoder).to(device)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = _trainable_copy(encoder, device)
+    n = train_images.shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(int(getattr(model, "feature_dim")), classes).to(device)
-        params = [*model.parameters(), *head.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = math.ceil(train_images.shape[0] / batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+        optimizer, schedule = _adamw_cosine([*model.parameters(), *head.parameters()], lr=lr,
+                                            weight_decay=weight_decay, steps=epochs * math.ceil(n / batch_size))
         generator = torch.Generator().manual_seed(seed)
         model.train()
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order = torch.randperm(train_images.shape[0], generator=generator)
-                loss_sum, correct = 0.0, 0
-                for start in range(0, train_images.shape[0], batch_size):
-                    idx = order[start : start + batch_size]
-                    labels = train_labels[idx].to(device)
-                    logits = head(model(augment(train_images[idx].to(device))))  # (B, classes)
-                    loss = F.cross_entropy(logits, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    loss_sum += loss.item() * idx.numel()
-                    correct += int((logits.argmax(dim=1) == labels).sum())
-    classifier = nn.Sequential(model, head)
-    test_features = extract_features(classifier, test_images, transform=transform, batch_size=batch_size,
-                                     device=device)  # (N, classes) logits
+
+        def forward(idx: Tensor) -> tuple[Tensor, Tensor]:
+            labels = train_labels[idx].to(device)  # (B,)
+            return head(model(augment(train_images[idx].to(device)))), labels  # (B, classes), (B,)
+
+        loss_sum, correct = _train_epochs(forward, n, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                                          schedule=schedule, generator=generator)
     # test labels are read here, once, after training is finished
-    test_acc = float((test_features.argmax(dim=1) == test_labels.long()).float().mean())
-    n = train_images.shape[0]
+    test_acc = _logit_accuracy(nn.Sequential(model, head), test_images, test_labels, transform=transform,
+                               batch_size=batch_size, device=device)
     return {"train_acc": correct / n, "test_acc": test_acc, "train_loss": loss_sum / n}
 
 

@@ -4,6 +4,9 @@ Every ``import`` / ``from ... import`` counts wherever it stands: at the top, in
 ``if TYPE_CHECKING``. An import of a package's name from ``fedssl.a.b`` is an edge to ``fedssl.a.b``
 (its ``__init__``), one of a submodule an edge to that module; the implicit import of the parent
 packages does not count (a package's ``__init__`` may import its submodules).
+
+Sizes, read the same way: no file of the package over :data:`MAX_FILE_LINES` lines, no function
+(method, nested function) over :data:`MAX_FUNCTION_LINES` lines from its ``def`` to its last line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedssl"
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
 
 
 def modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -108,3 +113,36 @@ def test_fedssl_has_no_import_cycles() -> None:
     detail = "; ".join(" <-> ".join(c) + " (" + ", ".join(f"{a} -> {sorted(graph[a] & set(c))}" for a in c) + ")"
                        for c in found)
     assert not found, f"import cycles: {detail}"
+
+
+def oversized(root: Path = PACKAGE) -> list[str]:
+    """The files over MAX_FILE_LINES and the functions over MAX_FUNCTION_LINES, each named with its size."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root.parent).as_posix()
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+    return found
+
+
+def test_the_size_checker_names_offenders(tmp_path: Path) -> None:
+    pkg = tmp_path / "fedssl"
+    pkg.mkdir()
+    body = "".join(f"        x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))  # def + this = one line too many
+    (pkg / "long_function.py").write_text(f"def short():\n    pass\n\n\nclass C:\n    def long(self):\n{body}")
+    (pkg / "long_file.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    (pkg / "fits.py").write_text("x = 1\n" * MAX_FILE_LINES)
+    assert oversized(pkg) == [f"fedssl/long_file.py: {MAX_FILE_LINES + 1} lines",
+                              f"fedssl/long_function.py:6 long(): {MAX_FUNCTION_LINES + 1} lines"]
+
+
+def test_fedssl_files_and_functions_are_small() -> None:
+    found = oversized()
+    assert not found, (f"over {MAX_FILE_LINES} lines per file or {MAX_FUNCTION_LINES} per function "
+                       f"(split along its jobs): {'; '.join(found)}")
