@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fedssl.cli import main
-from fedssl.config import STAGED_METHODS, RunConfig, load_toml, make_config
+from fedssl.config import RunConfig, load_toml, make_config
+from fedssl.methods import METHODS
 from fedssl.data.augment import EvalTransform
 from fedssl.engines.local import restore_final_encoder, torch_threads
 from fedssl.evaluation import extract_features
-from fedssl.stages import StageSchedule
 
 pytestmark = pytest.mark.slow  # about 30 s: 11 tiny runs, 22 exports, one torch-only loader
 
@@ -50,7 +50,8 @@ torch.save({name: load(path)(images) for name, (path, images) in jobs.items()}, 
 
 def fewest_rounds(cfg: RunConfig) -> int:
     """One round per stage of the run's schedule (one round in all for an unstaged method)."""
-    return StageSchedule.for_run(cfg).num_stages if cfg.method in STAGED_METHODS else 1
+    schedule_for = getattr(METHODS[cfg.method], "schedule_for", None)  # the staged methods' own schedule
+    return schedule_for(cfg).num_stages if schedule_for is not None else 1
 
 
 def tiny_overrides(preset: Path) -> list[str]:

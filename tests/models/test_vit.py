@@ -155,7 +155,7 @@ def test_bad_arguments() -> None:
 def test_a_staged_vit_exports_with_its_in_process_features(tmp_path, suffix: str) -> None:
     """A staged run ends with frozen blocks and a trainable last block (each picks another kernel in grad mode)."""
     from fedssl.export import export_encoder
-    from fedssl.stages import set_trainable
+    from fedssl.models.staged import set_trainable
 
     model = small_vit().train()
     set_trainable(model.layers[:-1], False)
