@@ -85,6 +85,7 @@ def summarize_run(path: Path) -> dict[str, Any]:
     pixels = initial.get("pixels", {})
     return {
         "method": cfg.method,
+        "arch": cfg.model.arch,
         "seed": cfg.seed,
         "knn": trained["knn_acc"],
         "probe": trained.get("probe_acc"),

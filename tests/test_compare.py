@@ -11,7 +11,7 @@ import torch
 from fedssl.compare import COMPARE_PRESETS, Setting, build_grid, ensure_run, run_comparison, summarize_run
 from fedssl.errors import FedSSLError
 from fedssl.reliability import check_bad_configs
-from fedssl.results_page import Claim, claim_verdict, fold_seeds, pareto_front, render_results_page
+from fedssl.results_page import Claim, claim_verdict, fold_seeds, goals_section, pareto_front, render_results_page
 from tests.helpers import TINY
 
 
@@ -83,6 +83,29 @@ def test_seeds_fold_into_mean_and_spread_and_the_page_renders(tmp_path: Path) ->
                                                                             code_version="def")],
                                 when="x", machine="m", command="c", plots=[], reliability="")
     assert "different code versions" in mixed and "(did not learn)" in mixed
+
+
+def test_an_unmet_goal_gets_its_measured_reason_from_the_ceiling_of_its_backbone() -> None:
+    group = "Dirichlet 0.5, 10 clients"
+    resnet = [_row("pooled data", "centralized MoCo v2 (ceiling)", "centralized", 0.35, s, arch="resnet")
+              for s in range(2)]  # +15 points: the backbone learns at this budget
+    vit = [_row("pooled data", "centralized MoCo v3 (ViT ceiling)", "centralized", 0.25, arch="vit")]  # +5 only
+    rows = fold_seeds([*resnet, *vit,
+                       _row(group, "FedMoCo v2", "fedmoco", 0.22, arch="resnet", optimizer_steps=900),
+                       _row(group, "MocoSFL-1 (cut 1)", "mocosfl", 0.30, arch="resnet"),
+                       _row(group, "LW-FedSSL", "lw-fedssl", 0.21, arch="vit"),
+                       _row("2 classes per client, 100 clients", "FedBYOL", "fedbyol", 0.1, arch="resnet")])
+    lines = {line[2:line.rindex(" (", 0, line.index("):"))]: line
+             for line in goals_section(rows, group).splitlines() if line.startswith("- ")}
+    assert set(lines) == {"centralized MoCo v2 (ceiling)", "centralized MoCo v3 (ViT ceiling)", "FedMoCo v2",
+                          "MocoSFL-1 (cut 1)", "LW-FedSSL"}  # ceilings and the headline setting only
+    assert "**met**" in lines["MocoSFL-1 (cut 1)"] and "**met**" in lines["centralized MoCo v2 (ceiling)"]
+    assert "the federation at this budget" in lines["FedMoCo v2"] and "+15.00" in lines["FedMoCo v2"]
+    assert "900 optimizer steps" in lines["FedMoCo v2"]
+    assert "the budget, not only the federation" in lines["LW-FedSSL"] and "+5.00" in lines["LW-FedSSL"]
+    assert "were not enough for this backbone" in lines["centralized MoCo v3 (ViT ceiling)"]
+    given = goals_section(rows, group, {"FedMoCo v2": "Because."})
+    assert "Because." in given and "the budget, not only" in given
 
 
 def test_claims_get_verdicts_from_the_measured_rows() -> None:
