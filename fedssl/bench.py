@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -116,21 +117,17 @@ def machine_description() -> str:
 
 
 def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, docs: Path, extra: list[str],
-                reliability: bool = True, only: Sequence[str] = ()) -> Path:
+                reliability: bool = True, only: Sequence[str] = (), page_only: bool = False) -> Path:
     """Run (or continue) every setting of a comparison preset, then write docs/RESULTS.md and its plots.
 
     ``extra``: ``--set`` overrides applied last to every setting (they win over the preset's values);
-    ``only``: key patterns of the settings to run (:func:`fedssl.compare.select_settings`; () = all).
+    ``only``: key patterns of the settings to run (:func:`fedssl.compare.select_settings`; () = all);
+    ``page_only``: run nothing: the page of the settings already finished, naming those still to run.
     """
-    import datetime
-    import shlex
-
-    from fedssl.compare import COMPARE_PRESETS, build_grid, run_comparison, select_settings
+    from fedssl.compare import COMPARE_PRESETS, build_grid, finished_settings, run_comparison, select_settings
     from fedssl.engines.local import resolve_device
     from fedssl.errors import FedSSLError
     from fedssl.io import atomic_write_text
-    from fedssl.reliability import checks_to_json, reliability_section, run_checks
-    from fedssl.results_page import fold_seeds, plot_tradeoff, render_results_page
 
     if preset not in COMPARE_PRESETS:
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
@@ -138,6 +135,13 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     settings = select_settings(build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra]), only)
     resolve_device(settings[0].config().device)  # before any run: one clear line where the device is not here
     started = time.perf_counter()
+    pending: list[str] = []
+    if page_only:
+        done = finished_settings(settings, runs)
+        pending = [s.key for s in settings if s not in done]
+        if not done:
+            raise FedSSLError(f"no setting of {preset} has finished in {runs}; run it without --page-only first")
+        settings = done
 
     def progress(index: int, setting: Any) -> None:
         console.print(f"[{index + 1}/{len(settings)}] {setting.label} — {setting.group or 'pooled data'} "
@@ -145,25 +149,46 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
 
     rows = run_comparison(settings, runs, progress)
     atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
-    folded = fold_seeds(rows)
-    plots = [plot_tradeoff(folded, "memory", "client peak training memory (MiB, measured on a real step)",
-                           docs / "results" / "accuracy-vs-memory.png", f"{preset}: {spec.headline}", spec.headline),
-             plot_tradeoff(folded, "comm", "MiB up + down per client over the run",
-                           docs / "results" / "accuracy-vs-communication.png", f"{preset}: {spec.headline}",
-                           spec.headline)]
-    when = datetime.date.today().isoformat()
-    section = ""
-    if reliability:
-        checks = run_checks(lambda name: console.print(f"[dim]reliability: {name} ...[/dim]"))
-        atomic_write_text(runs / "reliability.json", checks_to_json(checks))
-        section = reliability_section(checks, when)
     command = shlex.join(["fedssl", "bench", "compare", "--preset", preset,
                           *(["--data-dir", data_dir] if data_dir else []),
                           *(a for p in only for a in ("--only", p)), *(a for e in extra for a in ("--set", e))])
-    text = render_results_page(spec, rows, when=when, machine=machine_description(), command=command,
-                               plots=[str(p.relative_to(docs)) for p in plots], reliability=section)
+    section = _reliability_section(console, runs) if reliability and not page_only else ""
+    out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending)
+    console.print(f"written: {out} ({len(rows)} runs, {len(pending)} pending, "
+                  f"{(time.perf_counter() - started) / 60:.1f} min)")
+    return out
+
+
+def _reliability_section(console: Console, runs: Path) -> str:
+    """Run the reliability checks (each a fedssl process), keep their JSON beside the runs, return the page's section."""
+    import datetime
+
+    from fedssl.io import atomic_write_text
+    from fedssl.reliability import checks_to_json, reliability_section, run_checks
+
+    checks = run_checks(lambda name: console.print(f"[dim]reliability: {name} ...[/dim]"))
+    atomic_write_text(runs / "reliability.json", checks_to_json(checks))
+    return reliability_section(checks, datetime.date.today().isoformat())
+
+
+def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, reliability: str,
+                        pending: Sequence[str]) -> Path:
+    """docs/RESULTS.md and its two plots (accuracy vs client memory and vs communication) from the rows."""
+    import datetime
+
+    from fedssl.io import atomic_write_text
+    from fedssl.results_page import fold_seeds, plot_tradeoff, render_results_page
+
+    folded = fold_seeds(rows)
+    title = f"{spec.name}: {spec.headline}"
+    plots = [plot_tradeoff(folded, "memory", "client peak training memory (MiB, measured on a real step)",
+                           docs / "results" / "accuracy-vs-memory.png", title, spec.headline),
+             plot_tradeoff(folded, "comm", "MiB up + down per client over the run",
+                           docs / "results" / "accuracy-vs-communication.png", title, spec.headline)]
+    text = render_results_page(spec, rows, when=datetime.date.today().isoformat(), machine=machine_description(),
+                               command=command, plots=[str(p.relative_to(docs)) for p in plots],
+                               reliability=reliability, pending=pending)
     out = docs / "RESULTS.md"
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
-    console.print(f"written: {out} ({len(rows)} runs, {(time.perf_counter() - started) / 60:.1f} min)")
     return out

@@ -206,7 +206,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.name == "compare":
         runs = Path(args.runs) if args.runs else Path("runs") / f"compare-{args.preset}"
         run_compare(console, preset=args.preset, data_dir=args.data_dir, runs=runs, docs=Path(args.docs),
-                    extra=args.set or [], reliability=not args.no_reliability, only=args.only or [])
+                    extra=args.set or [], reliability=not args.no_reliability, only=args.only or [],
+                    page_only=args.page_only)
         return 0
     run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
@@ -276,6 +277,8 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
                        "folder name matches (shell pattern, repeatable), e.g. 'centralized-*-s0' "
                        "'fedmoco-v2-dirichlet-0-5-10c-s0'")
     bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
+    bench.add_argument("--page-only", action="store_true", help="compare: run nothing; write the page of the "
+                       "settings already finished and name those still to run")
     bench.set_defaults(func=cmd_bench)
 
 

@@ -110,6 +110,11 @@ def summarize_run(path: Path) -> dict[str, Any]:
     }
 
 
+def finished_settings(settings: Sequence[Setting], root: Path) -> list[Setting]:
+    """The settings whose run directory under ``root`` holds a finished run (its final.json), in grid order."""
+    return [s for s in settings if RunDir(root / s.key).final.is_file()]
+
+
 def run_comparison(settings: Sequence[Setting], root: Path,
                    progress: Callable[[int, Setting], Any] | None = None) -> list[dict[str, Any]]:
     """Ensure every setting's run (in order) and return one summary row per setting (with key, label, group)."""
@@ -124,7 +129,7 @@ def run_comparison(settings: Sequence[Setting], root: Path,
     return rows
 
 
-__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "run_comparison", "select_settings", "summarize_run"]
+__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "finished_settings", "run_comparison", "select_settings", "summarize_run"]
 
 
 # ---------------------------------------------------------------- the comparison presets (fedssl bench compare)

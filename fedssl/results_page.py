@@ -301,13 +301,23 @@ def claims_section(rows: Sequence[dict[str, Any]], headline: str) -> str:
             + markdown_table(["claim", "paper", "ours", "verdict", "why"], body))
 
 
+def _pending_note(finished: int, pending: Sequence[str]) -> str:
+    if not pending:
+        return ""
+    shown = ", ".join(f"`{k}`" for k in pending[:12]) + (f" and {len(pending) - 12} more" if len(pending) > 12 else "")
+    return (f"**Partial page: {finished} of {finished + len(pending)} settings have finished.** Still to run: {shown}. "
+            "Every table, goal and claim below reads the finished runs only; a claim whose runs are missing says "
+            "it cannot be tested. The same command without `--page-only` continues the comparison.\n\n")
+
+
 def render_results_page(preset: ComparePreset, rows: Sequence[dict[str, Any]], *, when: str, machine: str,
                         command: str, plots: Sequence[str], reliability: str,
-                        reasons: dict[str, str] | None = None) -> str:
+                        reasons: dict[str, str] | None = None, pending: Sequence[str] = ()) -> str:
+    """The whole page; ``pending``: the settings of the preset not finished yet (a partial page says so first)."""
     folded = fold_seeds(rows)
     intro = (f"# Results: every method on the same data, accuracy against client cost\n\n"
              f"Preset `{preset.name}`: {preset.description}. Measured {when} on {machine} by `{command}`. "
-             + versions_note(folded) + "\n"
+             + versions_note(folded) + "\n" + _pending_note(len(rows), pending) +
              "Every run is a full `fedssl run` of the in-process engine; its run directory holds the report. "
              "Accuracies are of the FINAL encoder, frozen: kNN (cosine, k 200, T 0.1) and a linear probe fitted on "
              "the train split and scored once on the test split; nothing is selected on the test split. Each stands "

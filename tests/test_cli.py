@@ -156,6 +156,8 @@ def test_a_device_that_is_not_here_gets_one_line_before_anything_runs(capsys: py
     assert "cpu, cuda or cuda:N" in _error_line(capsys, ["run", *tiny_args("--set=device=gpu"), "--out", str(out)])
     only = ["bench", "compare", "--preset", "gpu-paper", "--only", "fedfoo-*", "--runs", str(runs), "--no-reliability"]
     assert "matches no setting" in _error_line(capsys, only) and not runs.exists()
+    page = ["bench", "compare", "--preset", "cpu", "--page-only", "--runs", str(runs), "--docs", str(tmp_path / "d")]
+    assert "run it without --page-only first" in _error_line(capsys, page) and not (tmp_path / "d").exists()
 
 
 def test_resolve_device_parses_cpu_cuda_and_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:

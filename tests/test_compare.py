@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedssl.compare import COMPARE_PRESETS, Setting, build_grid, ensure_run, run_comparison, summarize_run
+from fedssl.compare import (COMPARE_PRESETS, Setting, build_grid, ensure_run, finished_settings, run_comparison,
+                            summarize_run)
 from fedssl.errors import FedSSLError
 from fedssl.reliability import check_bad_configs
 from fedssl.results_page import Claim, claim_verdict, fold_seeds, goals_section, pareto_front, render_results_page
@@ -57,6 +58,18 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_read_back(tmp_path: Pa
         ensure_run(_setting("a", "lr=0.01"), tmp_path)
     with pytest.raises(FedSSLError, match="unique key"):
         run_comparison([_setting("b"), _setting("b")], tmp_path)
+    (tmp_path / "c").mkdir()  # a setting begun, not finished
+    assert finished_settings([_setting("c"), setting, _setting("d")], tmp_path) == [setting]
+
+
+def test_a_partial_page_names_what_is_still_to_run() -> None:
+    headline = COMPARE_PRESETS["cpu"].headline
+    rows = [_row(headline, "FedMoCo v2", "fedmoco", 0.3)]
+    page = render_results_page(COMPARE_PRESETS["cpu"], rows, when="x", machine="m", command="c", plots=[],
+                               reliability="", pending=["mocosfl-1-cut-1-iid-100c-s0", "fedbyol-x-s2"])
+    assert "Partial page: 1 of 3 settings have finished" in page and "`fedbyol-x-s2`" in page
+    assert "Partial" not in render_results_page(COMPARE_PRESETS["cpu"], rows, when="x", machine="m", command="c",
+                                                plots=[], reliability="")
 
 
 def _row(group: str, label: str, method: str, knn: float, seed: int = 0, **extra: float) -> dict:
