@@ -56,6 +56,10 @@ class ClientTime:
     def total_s(self) -> float:
         return self.compute_s + self.up_s + self.down_s + self.latency_s
 
+    def times(self, k: float) -> ClientTime:
+        """This time ``k`` times over (a client's ``k`` equal steps)."""
+        return ClientTime(k * self.compute_s, k * self.up_s, k * self.down_s, k * self.latency_s)
+
     def __add__(self, other: ClientTime) -> ClientTime:
         return ClientTime(self.compute_s + other.compute_s, self.up_s + other.up_s, self.down_s + other.down_s,
                           self.latency_s + other.latency_s)
@@ -136,16 +140,27 @@ def split_step_time(profile: DeviceProfile, cost: SplitStepCost, *, images: floa
                          bytes_up=activation_bytes)
 
 
+def split_client_round_time(profile: DeviceProfile, cost: SplitStepCost, *, steps: int, images_per_step: float,
+                            activation_bytes: float, gradient_bytes: float, net_bytes_up: float,
+                            net_bytes_down: float) -> ClientTime:
+    """A client's own part of a split round (what a deadline is held against): ``steps`` steps of
+    :func:`split_step_time` (bytes per step) and the sync (its client-nets up; the nets it is sent down)."""
+    step = split_step_time(profile, cost, images=images_per_step, activation_bytes=activation_bytes,
+                           gradient_bytes=gradient_bytes)
+    return step.times(steps) + exchange_time(profile, flops=0.0, bytes_down=net_bytes_down, bytes_up=net_bytes_up)
+
+
 def split_round_time(rows: Sequence[Mapping[str, float]], profile_of: Callable[[int], DeviceProfile],
                      server: DeviceProfile, cost: SplitStepCost, members: Sequence[Sequence[int]]) -> RoundTime:
     """A split round from its ledger rows (:func:`of_round`) and the clients of each of its steps (``members``).
 
     Per client the rows give its steps and its images, activation, gradient and client-net bytes over the
     round, so one step trains ``images / steps`` and moves ``activation_bytes / steps`` up and
-    ``gradient_bytes / steps`` down.
+    ``gradient_bytes / steps`` down. A client marked ``late`` sat the round out (its predicted part exceeded
+    the deadline) and holds nothing up.
     """
     up = {int(r["client"]): r for r in rows if r["kind"] == UPLOAD}
-    down = {int(r["client"]): r for r in rows if r["kind"] == DOWNLOAD}
+    down = {int(r["client"]): r for r in rows if r["kind"] == DOWNLOAD and not r.get("late")}
     per_step: dict[int, ClientTime] = {}
     batch: dict[int, float] = {}
     for client, row in up.items():
@@ -167,7 +182,8 @@ def split_round_time(rows: Sequence[Mapping[str, float]], profile_of: Callable[[
     sync = {c: exchange_time(profile_of(c), flops=0.0, bytes_down=down[c].get("weight_bytes", 0) if c in down else 0,
                              bytes_up=up[c].get("weight_bytes", 0) if c in up else 0) for c in totals}
     seconds += max((t.total_s for t in sync.values()), default=0.0)
-    return RoundTime(seconds, {c: totals[c] + sync[c] for c in totals})
+    late = tuple(sorted(int(r["client"]) for r in rows if r["kind"] == DOWNLOAD and r.get("late")))
+    return RoundTime(seconds, {c: totals[c] + sync[c] for c in totals}, late)
 
 
 def split_cost(rows: Sequence[Mapping[str, float]]) -> SplitStepCost:

@@ -7,7 +7,8 @@ The in-process engine calls the clients simulated here directly, all clients of 
 Everything else is here, once:
 
 - the step's active clients (:func:`step_clients`, drawn from ONE generator seeded by round; with a fleet, less
-  the clients that are not reachable this round: :func:`round_members`);
+  the clients that are not reachable this round, :func:`round_members`, and those whose own part of the
+  round would exceed ``devices.round_deadline_s``, :func:`late_clients`: they sit the round out);
 - which client receives the latest client-nets with its forward (it does not hold them);
 - what is never used: a client that sent nothing back (``failed``), or activations / client-nets that
   do not fit or hold NaN/inf (``rejected``); the round goes on without them;
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from fedssl.config import RunConfig, SplitConfig
 from fedssl.data.datasets import ImageData
+from fedssl.devices.clock import split_client_round_time, split_cost
 from fedssl.devices.fleet import available, fleet_of
 from fedssl.engines.observer import Observer, note
 from fedssl.errors import DivergedError
@@ -186,6 +188,9 @@ def split_round(method: SplitMethod, cfg: RunConfig, round_index: int, exchange:
     traffic, state = Traffic(n), _Round(torch.zeros(n, dtype=torch.long))
     latest = method.latest()
     members = round_members(cfg, method.split, round_index, n)
+    late = late_clients(method, cfg, members, ledger)
+    if late:
+        members = [clients[~torch.isin(clients, torch.tensor(late))] for clients in members]
     for step, clients in enumerate(members):
         if not len(clients):
             continue  # no client of this step is reachable
@@ -196,8 +201,30 @@ def split_round(method: SplitMethod, cfg: RunConfig, round_index: int, exchange:
         sync_clients(method, round_index, exchange, participants, traffic)
     row = _record(method, round_index, traffic, state, ledger, observer, time.perf_counter() - start)
     if cfg.devices.mix:
-        row["unavailable"] = n - int(reachable(cfg, round_index, n).sum())
+        row.update(unavailable=n - int(reachable(cfg, round_index, n).sum()), late=len(late))
+        for client in late:  # sent nothing, sent back nothing: the ledger says why
+            ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=0, late=1)
     return row
+
+
+def late_clients(method: SplitMethod, cfg: RunConfig, members: list[Tensor], ledger: Ledger) -> list[int]:
+    """The clients whose own part of the round (their steps in ``members`` and the sync, on their profile:
+    :func:`~fedssl.devices.clock.split_client_round_time`) would exceed ``devices.round_deadline_s``."""
+    fleet = fleet_of(cfg, method.num_clients)
+    if fleet is None or not fleet.deadline_s:
+        return []
+    steps = torch.bincount(torch.cat(members), minlength=method.num_clients) if members else torch.zeros(0)
+    cost, net = split_cost(ledger.rows), payload_bytes(method.latest())
+    act, grad = payload_bytes(method.activations_like()), payload_bytes(method.gradient_like())
+    late = []
+    for client in torch.nonzero(steps).flatten().tolist():
+        fetch = 0 if bool(method.holds_latest[client]) else net  # the nets that ride on its first forward
+        time = split_client_round_time(fleet.profile(client), cost, steps=int(steps[client]),
+                                       images_per_step=method.split.client_batch, activation_bytes=act,
+                                       gradient_bytes=grad, net_bytes_up=net, net_bytes_down=net + fetch)
+        if time.total_s > fleet.deadline_s:
+            late.append(client)
+    return late
 
 
 def reachable(cfg: RunConfig, round_index: int, num_clients: int) -> Tensor:

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedssl.config import RunConfig, SplitConfig, check
+from fedssl.config import SplitConfig
 from fedssl.data.datasets import ImageData
 from fedssl.methods.base import Method, MethodContext, Payload
 from fedssl.resources import StepCost
@@ -129,11 +129,10 @@ class SplitMethod(Method):
     def measure_server_step(self, activations: Stacked, clients: Tensor) -> StepCost:
         """One real server step on a copy (no side effects), measured."""
 
-    @classmethod
-    def validate(cls, cfg: RunConfig) -> None:
-        super().validate(cfg)
-        check(cfg.devices.round_deadline_s == 0, "devices.round_deadline_s", f"{cls.name} waits for every client of "
-              "each step; a round deadline is for round-based methods (set it to 0; availability still applies)")
+    def gradient_like(self) -> Payload:
+        """One client's gradient of one step (what the server sends down; the simulated clock's prediction of a
+        round): by default shaped like its activations."""
+        return self.activations_like()
 
     def client_lost(self, client_id: int | None) -> None:
         """The client's state may be gone (None: every client's, a new Flower run): it must receive the nets again."""

@@ -110,3 +110,19 @@ def test_mocosfl_round_on_a_fleet(tmp_path: Path) -> None:
         served = {row["client"]: row["steps"] for row in uploads if row["round"] == r}
         for client, steps in served.items():
             assert steps == sum(int(client in m.tolist()) for m in members)
+
+
+def test_mocosfl_deadline_sits_slow_clients_out(tmp_path: Path) -> None:
+    """A slow client's own part of a split round (its steps and the sync) exceeds the deadline: it sits the round
+    out (no step, no bytes, counted late); the round is the fast clients' steps."""
+    cfg = tiny_config("method=mocosfl", *FLEET, "devices.round_deadline_s=1", "clients=4", "split.sync_every=3",
+                      "eval.probe=false", "eval.every=0", "threads=1")
+    out = start_run(cfg, tmp_path / "sfl")
+    devices = json.loads((tmp_path / "sfl" / "final.json").read_text())["devices"]
+    slow = {c["client"] for c in devices["clients"] if c["profile"] == "slow"}
+    late_rows = [r for r in out.ledger.rows if r.get("late")]
+    assert {r["client"] for r in late_rows} <= slow and len(late_rows) == sum(m["late"] for m in out.metrics) >= 1
+    assert all(r["bytes"] == 0 and r["kind"] == "download" for r in late_rows)
+    late = {(r["round"], r["client"]) for r in late_rows}
+    assert not any((r["round"], r["client"]) in late for r in out.ledger.rows if r["kind"] == "upload")
+    assert all(0 < m["sim_seconds"] < 1 for m in out.metrics)
