@@ -87,9 +87,11 @@ def synchronous_seconds(times: Iterable[float], deadline_s: float, any_late: boo
     return deadline_s if (any_late and deadline_s > 0) else slowest
 
 
-def step_flops(rows: Sequence[Mapping[str, float]], kind: str = STEP_COST) -> float:
-    """FLOPs per image of the measured step of ``kind`` (the last such row; 0 where none was measured)."""
-    found = [row for row in rows if row["kind"] == kind]
+def step_flops(rows: Sequence[Mapping[str, float]], kind: str = STEP_COST, round_index: int | None = None) -> float:
+    """FLOPs per image of the measured step of ``kind`` in force at ``round_index`` (the last such row of that round
+    or before; None: the last row) (0 where none was measured). A staged method records each stage's step at the
+    stage's first round."""
+    found = [row for row in rows if row["kind"] == kind and (round_index is None or row["round"] <= round_index)]
     return float(found[-1]["flops_per_image"]) if found else 0.0
 
 

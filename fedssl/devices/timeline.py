@@ -20,7 +20,7 @@ def round_time(rows: Rows, fleet: Fleet, round_index: int,
     """The simulated time of one round: a round-based one, or (given the clients of each step) a split one."""
     traffic = of_round(rows, round_index)
     if members is None:
-        return federated_round_time(traffic, fleet.profile, flops_per_image=step_flops(rows),
+        return federated_round_time(traffic, fleet.profile, flops_per_image=step_flops(rows, round_index=round_index),
                                     deadline_s=fleet.deadline_s)
     return split_round_time(traffic, fleet.profile, fleet.server, split_cost(rows), members)
 
@@ -36,12 +36,12 @@ def clock_columns(time: RoundTime, fleet: Fleet, before_s: float) -> dict[str, f
 def client_compute_s(rows: Rows, fleet: Fleet) -> dict[int, float]:
     """Per client, the simulated seconds it computed over the run (what its energy is drawn over): the images of
     its uploads, and of the rounds it was late in (it trained; its upload was never sent)."""
-    flops = step_flops(rows)
+    flops = {r: step_flops(rows, round_index=r) for r in {int(row["round"]) for row in rows}}
     out = {c: 0.0 for c in range(len(fleet.names))}
     for row in rows:
         client = int(row["client"])
         if client >= 0 and (row["kind"] == UPLOAD or (row["kind"] == DOWNLOAD and row.get("late"))):
-            out[client] += compute_seconds(flops * float(row.get("images", 0)), fleet.profile(client))
+            out[client] += compute_seconds(flops[int(row["round"])] * float(row.get("images", 0)), fleet.profile(client))
     return out
 
 

@@ -98,6 +98,8 @@ def execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.d
         observer.message(f"resuming {run.path} after round {first_round}/{cfg.rounds}")
     runner.begin(method, resumed=checkpoint is not None)
     for r in range(first_round, cfg.rounds):
+        if fleet is not None:
+            measure_round_cost(method, fed, ledger, r)
         row = runner.run_round(method, r, ledger, observer)
         if fleet is not None:
             row.update(simulated_clock(method, cfg, fleet, ledger, r, metrics))
@@ -128,6 +130,14 @@ def measure_client_costs(method: Method, fed: Federation, ledger: Ledger) -> Non
     if reference is not None:
         ledger.record(round=0, client=client, kind=REFERENCE_STEP_COST, payload_bytes=reference.payload_bytes,
                       **reference.cost.as_dict())
+
+
+def measure_round_cost(method: Method, fed: Federation, ledger: Ledger, round_index: int) -> None:
+    """The round's client step where it differs from the run's (a staged method's stage), for the clock."""
+    client = _largest_client(fed)
+    cost = method.round_step_cost(round_index, fed.client_data(client))
+    if cost is not None:
+        ledger.record_step_cost(round=round_index, client=client, cost=cost)
 
 
 def measured_step(method: Method, cfg: RunConfig, fed: Federation, ledger: Ledger) -> MeasuredStep:

@@ -105,7 +105,7 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
     docstring). Only the others are aggregated, in client order.
     """
     clients = [0] if method.pooled_data else sample_clients(cfg, round_index, num_clients)
-    fleet, flops_per_image = fleet_of(cfg, num_clients), step_flops(ledger.rows)
+    fleet, flops_per_image = fleet_of(cfg, num_clients), step_flops(ledger.rows, round_index=round_index)
     observer.round_started(round_index, len(clients))
     start = time.perf_counter()
     sent: dict[int, int] = {}  # client -> payload bytes of its download

@@ -84,13 +84,17 @@ def test_deadline_drops_late_clients_and_resume_is_exact(tmp_path: Path) -> None
 
 
 def test_layerwise_clock_is_the_hand_formula_on_its_ledger(tmp_path: Path) -> None:
+    """4 stages of one round each: every stage's client step is measured at its first round and clocks its rounds."""
     cfg = tiny_config("method=lw-fedssl", "model.arch=resnet", "rounds=4", "devices.mix={rpi4=0.5,laptop-cpu=0.5}",
                       "eval.probe=false", "eval.every=0", "threads=1", "clients=4")
     out = start_run(cfg, tmp_path / "lw")
     final = json.loads((tmp_path / "lw" / "final.json").read_text())["devices"]
     names = tuple(c["profile"] for c in final["clients"])
-    flops = next(r["flops_per_image"] for r in out.ledger.rows if r["kind"] == STEP_COST)
+    costs = [(r["round"], r["flops_per_image"]) for r in out.ledger.rows if r["kind"] == STEP_COST]
+    assert [r for r, _ in costs] == [0, 0, 1, 2, 3]  # the run's step (its costliest stage), then each stage's own
+    assert costs[1][1] < costs[0][1] == costs[-1][1]  # the first stage computes less than the last
     for r, m in enumerate(out.metrics):
+        flops = [f for at, f in costs if at <= r][-1]  # the step of the round's stage
         expected = _hand_round_seconds(final["profiles"], out.ledger.rows, r, names, flops)
         assert math.isclose(m["sim_seconds"], expected, rel_tol=1e-12), (r, m["sim_seconds"], expected)
         assert "late" in m and m["late"] == 0
@@ -114,7 +118,7 @@ def test_mocosfl_round_on_a_fleet(tmp_path: Path) -> None:
 
 def test_mocosfl_deadline_sits_slow_clients_out(tmp_path: Path) -> None:
     """A slow client's own part of a split round (its steps and the sync) exceeds the deadline: it sits the round
-    out (no step, no bytes, counted late); the round is the fast clients' steps."""
+    out (no step, no bytes, counted late); the round is the fast clients' steps. Exact on resume."""
     cfg = tiny_config("method=mocosfl", *FLEET, "devices.round_deadline_s=1", "clients=4", "split.sync_every=3",
                       "eval.probe=false", "eval.every=0", "threads=1")
     out = start_run(cfg, tmp_path / "sfl")
@@ -126,3 +130,5 @@ def test_mocosfl_deadline_sits_slow_clients_out(tmp_path: Path) -> None:
     late = {(r["round"], r["client"]) for r in late_rows}
     assert not any((r["round"], r["client"]) in late for r in out.ledger.rows if r["kind"] == "upload")
     assert all(0 < m["sim_seconds"] < 1 for m in out.metrics)
+    (tmp_path / "resume").mkdir()
+    assert assert_resume_is_exact(cfg, tmp_path / "resume") >= 1
