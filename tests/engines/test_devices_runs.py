@@ -12,6 +12,7 @@ import pytest
 from fedssl.cli import main
 from fedssl.engines.local import start_run
 from fedssl.engines.steps import round_members
+from fedssl.report import regenerate_report
 from fedssl.resources import STEP_COST
 from fedssl.run_dir import read_jsonl
 from tests.helpers import assert_resume_is_exact, tiny_args, tiny_config
@@ -98,6 +99,10 @@ def test_layerwise_clock_is_the_hand_formula_on_its_ledger(tmp_path: Path) -> No
         expected = _hand_round_seconds(final["profiles"], out.ledger.rows, r, names, flops)
         assert math.isclose(m["sim_seconds"], expected, rel_tol=1e-12), (r, m["sim_seconds"], expected)
         assert "late" in m and m["late"] == 0
+    (tmp_path / "lw" / "report.md").unlink()
+    regenerate_report(tmp_path / "lw")  # `fedssl report RUN`: the fleet's section from the run's own files
+    assert "## Devices and the simulated clock" in (tmp_path / "lw" / "report.md").read_text()
+    assert (tmp_path / "lw" / "plots" / "knn_time.png").is_file()
 
 
 def test_mocosfl_round_on_a_fleet(tmp_path: Path) -> None:
