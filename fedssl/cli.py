@@ -121,6 +121,11 @@ def summary_table(outcome: Any) -> Table:
                              ("bytes down per client per round", human_bytes(cost.mean_down_per_round)),
                              ("bytes up+down per client, whole run", human_bytes(cost.mean_total_per_client))):
             table.add_row(label, "", "", value, "")
+    if outcome.metrics and "sim_seconds_total" in outcome.metrics[-1]:
+        from fedssl.devices.report import human_seconds
+
+        table.add_row("simulated time on the fleet (devices)", "", "",
+                      human_seconds(outcome.metrics[-1]["sim_seconds_total"]), "")
     return table
 
 

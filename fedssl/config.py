@@ -21,8 +21,10 @@ from typing import Any, Mapping, Protocol
 from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_override,  # noqa: F401 (re-exported)
                               to_dict)
 from fedssl.config_io import check as _check
-from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, EvalConfig, FlowerConfig,  # noqa: F401
-                                 LayerwiseConfig, MAEConfig, ModelConfig, RunConfig, SplitConfig, SSLConfig)
+from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
+                                 EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
+                                 SplitConfig, SSLConfig)
+from fedssl.devices.profiles import validate_devices
 
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
@@ -72,6 +74,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for section in (_validate_choices, _validate_run, _validate_model, _validate_ssl, _validate_split,
                     _validate_eval, _validate_staged, _validate_flower, _validate_mae):
         section(cfg)
+    validate_devices(cfg.devices)
     method_rules().validate(cfg)
     return cfg
 
@@ -218,7 +221,14 @@ def _default_backbone(values: dict[str, Any]) -> None:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """A short stable digest of everything that changes what a run computes."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """A short stable digest of everything that changes what a run computes.
+
+    A config without a fleet (the default ``[devices]``) digests as it did before that section existed, so the
+    checkpoints of older runs still resume.
+    """
+    values = to_dict(cfg)
+    if cfg.devices == DevicesConfig():
+        del values["devices"]
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

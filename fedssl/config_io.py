@@ -44,9 +44,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         check(isinstance(value, (list, tuple)), key, f"expects a list such as [2, 2, 2, 2], got {value!r}")
         item_type = typing.get_args(annotation)[0]
         return tuple(_coerce(v, item_type, key) for v in value)
+    if origin is dict:
+        check(isinstance(value, Mapping), key, f"expects a table such as {{ name = 0.5 }}, got {value!r}")
+        item_type = typing.get_args(annotation)[1]
+        if is_dataclass(item_type):
+            return {str(k): build(item_type, _table(v, f"{key}.{k}"), f"{key}.{k}.") for k, v in value.items()}
+        return {str(k): _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional fields yet
         return value
     raise ConfigError(f"config key '{key}': unsupported type")  # pragma: no cover
+
+
+def _table(value: Any, key: str) -> Mapping[str, Any]:
+    check(isinstance(value, Mapping), key, f"is a section; set its keys as {key}.<name>=value")
+    return value
 
 
 def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
@@ -113,8 +124,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def dumps_toml(values: Mapping[str, Any]) -> str:
-    """Write a nested dict of scalars / lists / sections as TOML (the subset configs use)."""
+def dumps_toml(values: Mapping[str, Any], prefix: str = "") -> str:
+    """Write a nested dict of scalars / lists / sections (any depth: ``[devices.profiles.mycam]``) as TOML (the
+    subset configs use); ``prefix`` is the dotted name of the section being written."""
     def literal(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -126,6 +138,10 @@ def dumps_toml(values: Mapping[str, Any]) -> str:
             return "[" + ", ".join(literal(x) for x in v) + "]"
         raise ConfigError(f"cannot write {v!r} as TOML")
 
-    scalars = [f"{k} = {literal(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
-    sections = [f"\n[{k}]\n" + dumps_toml(v) for k, v in values.items() if isinstance(v, Mapping)]
+    def name(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+    scalars = [f"{name(k)} = {literal(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
+    sections = [f"\n[{prefix}{name(k)}]\n" + dumps_toml(v, f"{prefix}{name(k)}.")
+                for k, v in values.items() if isinstance(v, Mapping)]
     return "\n".join(scalars) + "\n" + "".join(sections)

@@ -159,6 +159,38 @@ class FlowerConfig:
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """One device class: what a client of this class can hold, compute and send (``fedssl.devices``).
+
+    The built-in profiles (``fedssl/devices/profiles.py``) say where each of their numbers comes from; a user
+    adds their own as ``[devices.profiles.<name>]`` with these keys.
+    """
+
+    memory_mib: float = 0.0  # memory a training step may use, MiB (2**20 bytes)
+    gflops: float = 0.0  # sustained compute on the training kernels, GFLOP/s (1e9 FLOP/s)
+    up_mbps: float = 0.0  # uplink, Mbit/s (1e6 bit/s)
+    down_mbps: float = 0.0  # downlink, Mbit/s
+    rtt_ms: float = 0.0  # round-trip latency to the server, ms, paid once per exchange
+    power_w: float = 0.0  # power while training, W (0 = unknown: no energy figures)
+    availability: float = 1.0  # probability of being reachable in a round
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The fleet: which device class each client is, and the simulated clock they give (off while ``mix`` is {}).
+
+    ``mix`` maps profile names (built-in or ``profiles``) to shares summing to 1; every client is given one
+    profile for the run (exact shares, seeded order). ``round_deadline_s`` > 0 drops, from a round, every
+    client whose simulated time in it exceeds the deadline (counted as late).
+    """
+
+    mix: dict[str, float] = field(default_factory=dict)  # e.g. {rpi4 = 0.5, phone = 0.5}; {} = no fleet
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)  # the user's own device classes
+    server: str = "server-gpu"  # split methods: the profile of the server that runs the rest of the network
+    round_deadline_s: float = 0.0  # simulated seconds a round waits for its clients (0 = no deadline)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole experiment: method, data, federation, local training, evaluation."""
 
@@ -205,6 +237,7 @@ class RunConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
 
-__all__ = ["AlignmentConfig", "CalibrationConfig", "EvalConfig", "FlowerConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "RunConfig", "SSLConfig", "SplitConfig"]
+__all__ = ["AlignmentConfig", "CalibrationConfig", "DeviceProfile", "DevicesConfig", "EvalConfig", "FlowerConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "RunConfig", "SSLConfig", "SplitConfig"]

@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from fedssl.config import RunConfig, dumps_toml, to_dict
+from fedssl.devices.fleet import fleet_of
+from fedssl.devices.report import devices_section, human_seconds, write_time_plot
+from fedssl.devices.timeline import fleet_summary
 from fedssl.io import atomic_savefig, atomic_write_text
 from fedssl.resources import (DOWNLOAD, REFERENCE_STEP_COST, SERVER_STEP_COST, STEP_COST, UPLOAD, Ledger, human_bytes,
                               human_flops)
@@ -176,24 +179,29 @@ def rounds_section(metrics: list[dict[str, Any]]) -> str:
     """One row per round: columns for the clients that dropped out, failed (no usable reply) or were rejected
     (an upload that does not fit the model), where any did; the payload bytes, and beside them the bytes of the
     Flower messages on the wire where the engine measured them."""
-    faults = [k for k in ("dropped", "failed", "rejected") if any(m.get(k) for m in metrics)]
+    faults = [k for k in ("dropped", "failed", "rejected", "late", "unavailable") if any(m.get(k) for m in metrics)]
     wire = any("wire_up" in m for m in metrics)
+    clock = any("sim_seconds" in m for m in metrics)
     rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"])]
             + [str(m.get(k, 0)) for k in faults]
+            + ([human_seconds(m.get("sim_seconds", 0.0))] if clock else [])
             + [f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])]
             + ([human_bytes(m.get("wire_up", 0)), human_bytes(m.get("wire_down", 0))] if wire else [])
             for m in metrics]
-    header = (["round", "loss", "kNN (monitor)", "clients"] + faults + ["images/s", "bytes up", "bytes down"]
+    header = (["round", "loss", "kNN (monitor)", "clients"] + faults + (["simulated time"] if clock else [])
+              + ["images/s", "bytes up", "bytes down"]
               + (["up on the wire", "down on the wire"] if wire else []))
     return "## Rounds\n\n" + markdown_table(header, rows)
 
 
-def histogram_section(histogram: np.ndarray) -> str:
-    """Per-client class counts (the first clients as a table; all of them in the PNG)."""
+def histogram_section(histogram: np.ndarray, profiles: tuple[str, ...] = ()) -> str:
+    """Per-client class counts, and each client's device profile where the run has a fleet (the first clients as
+    a table; all of them in the PNG)."""
     shown = histogram[:MAX_HISTOGRAM_ROWS]
-    rows = [[str(i), str(int(h.sum())), str(int((h > 0).sum()))] + [str(int(v)) for v in h]
-            for i, h in enumerate(shown)]
-    header = ["client", "images", "classes"] + [f"c{j}" for j in range(histogram.shape[1])]
+    rows = [[str(i)] + ([profiles[i]] if profiles else []) + [str(int(h.sum())), str(int((h > 0).sum()))]
+            + [str(int(v)) for v in h] for i, h in enumerate(shown)]
+    header = ["client"] + (["profile"] if profiles else []) + ["images", "classes"] + [
+        f"c{j}" for j in range(histogram.shape[1])]
     sizes = histogram.sum(axis=1)
     note = (f"{histogram.shape[0]} clients; images per client min {sizes.min()}, median {int(np.median(sizes))}, "
             f"max {sizes.max()}; classes per client mean {(histogram > 0).sum(axis=1).mean():.2f}.")
@@ -249,16 +257,20 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
     config = ("## Config\n\n<details><summary>the resolved config of this run (config.toml)</summary>\n\n"
               "```toml\n" + dumps_toml(to_dict(cfg)) + "```\n\n</details>\n")
     cost = client_cost(ledger)
+    fleet = fleet_of(cfg, len(histogram))
+    fleet_text = "" if fleet is None else devices_section(fleet_summary(ledger.rows, fleet, metrics), metrics, initial)
     return "\n".join([head, result_section(initial, final), cost_section(cost),
-                      reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost),
+                      reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost), fleet_text,
                       rounds_section(metrics), plots,
                       figures_section(METHODS[cfg.method].figures_title, figures or []),
-                      histogram_section(histogram), config])
+                      histogram_section(histogram, fleet.names if fleet else ()), config])
 
 
 def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
     """report.md + plots for a finished run."""
     write_plots(outcome.run.plots, outcome.metrics, outcome.histogram, outcome.initial)
+    if cfg.devices.mix:
+        write_time_plot(outcome.run.plots, outcome.metrics, outcome.initial)
     text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram,
                          method_figures(outcome.run.figures))
     atomic_write_text(outcome.run.report, text)
@@ -271,6 +283,9 @@ def finish_run(outcome: RunOutcome, cfg: RunConfig) -> None:
 
     summary = {"initial": outcome.initial, "final": outcome.final, "ledger": outcome.ledger.summary(),
                "histogram": outcome.histogram.tolist(), "code_version": code_version()}
+    fleet = fleet_of(cfg, len(outcome.histogram))
+    if fleet is not None:  # the clients' profiles, compute and energy; accuracy against time is in metrics.jsonl
+        summary["devices"] = fleet_summary(outcome.ledger.rows, fleet, outcome.metrics)
     atomic_write_text(outcome.run.final, json.dumps(summary, indent=1, sort_keys=True))
     write_report(outcome, cfg)
 

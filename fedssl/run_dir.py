@@ -16,6 +16,7 @@ Every file is written atomically; a failed run never overwrites another run's fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tomllib
 from dataclasses import dataclass
@@ -99,6 +100,19 @@ def create_run_dir(path: str | Path, cfg: RunConfig) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.config, dumps_toml(to_dict(cfg)))
     return run
+
+
+def discard_unstarted(run: RunDir) -> None:
+    """Remove a run directory that :func:`create_run_dir` made and nothing has written to since (a run refused
+    before its first round: e.g. a memory budget); anything else in it is left alone."""
+    if run.checkpoint.exists():
+        return
+    run.config.unlink(missing_ok=True)
+    for folder in sorted((p for p in run.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only empty folders
+    with contextlib.suppress(OSError):
+        run.path.rmdir()
 
 
 def open_run_dir(path: str | Path) -> tuple[RunDir, RunConfig]:

@@ -27,7 +27,9 @@ from fedssl.methods.base import FederatedMethod, Method, MethodContext
 from fedssl.methods.split import SplitMethod
 from fedssl.models.encoder import Encoder
 from fedssl.resources import Ledger
-from fedssl.run_dir import RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, load_checkpoint, open_run_dir
+from fedssl.devices.fleet import BudgetError
+from fedssl.run_dir import (RunDir, RunOutcome, create_run_dir, discard_unstarted, ensure_new_run_dir, load_checkpoint,
+                            open_run_dir)
 from fedssl.engines.federation import Federation, load_federation, resolve_device  # noqa: F401 (re-exported)
 from fedssl.engines.loop import Scoring, execute, torch_threads  # noqa: F401 (re-exported)
 from fedssl.engines.observer import Observer, SilentObserver  # noqa: F401 (re-exported)
@@ -112,7 +114,12 @@ def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = N
     ensure_new_run_dir(path)
     device = resolve_device(cfg.device)
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
-    return _execute(cfg, create_run_dir(path, cfg), fed, device, observer or SilentObserver())
+    run = create_run_dir(path, cfg)
+    try:
+        return _execute(cfg, run, fed, device, observer or SilentObserver())
+    except BudgetError:
+        discard_unstarted(run)  # refused before training: no run directory is left behind
+        raise
 
 
 def resume_run(path: str | Path, *, observer: Observer | None = None) -> RunOutcome:

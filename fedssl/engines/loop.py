@@ -2,7 +2,8 @@
 
 An engine supplies a :class:`RoundRunner` (how a round reaches the clients: in this process, or
 over Flower's Grid) and the :class:`Scoring` of the encoder; everything else (the baseline
-evaluation, the kNN monitor, checkpoints, the run directory, the report) is here, once.
+evaluation, the kNN monitor, checkpoints, the run directory, the report) is here, once; so is the
+fleet (``[devices]``): the memory budget checked before training, each round's simulated clock.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import numpy as np
 import torch
 
 from fedssl.config import RunConfig
+from fedssl.devices.fleet import Fleet, MeasuredStep, check_memory, fleet_of
+from fedssl.devices.timeline import clock_columns, round_time
 from fedssl.engines.federation import Federation
 from fedssl.engines.observer import Observer
+from fedssl.engines.steps import round_members
 from fedssl.methods import build_method
 from fedssl.methods.base import Method, MethodContext
+from fedssl.methods.split import SplitMethod
 from fedssl.report import finish_run
-from fedssl.resources import REFERENCE_STEP_COST, Ledger
+from fedssl.resources import REFERENCE_STEP_COST, STEP_COST, Ledger
 from fedssl.run_dir import RunDir, RunOutcome, load_checkpoint, save_checkpoint, write_jsonl
 
 
@@ -74,12 +79,17 @@ def torch_threads(threads: int) -> Iterator[None]:
 def execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.device, observer: Observer,
                    runner: RoundRunner, scoring: Scoring) -> RunOutcome:
     method = build_method(MethodContext(cfg, fed.train.info, device, server_data=fed.server_data()))
+    fleet = fleet_of(cfg, len(fed.client_indices))
     checkpoint = load_checkpoint(run, cfg)
     if checkpoint is None:
         first_round, metrics, ledger = 0, [], Ledger(rows=[])
+        if fleet is not None:  # a fleet's memory budget is checked before anything else is spent
+            measure_client_costs(method, fed, ledger)
+            check_memory(cfg, fleet, measured_step(method, cfg, fed, ledger), split=isinstance(method, SplitMethod))
         observer.message("evaluating the random-init encoder and raw pixels (kNN + linear probe) ...")
         initial = scoring.baseline(method, fed, cfg, device)
-        measure_client_costs(method, fed, ledger)
+        if fleet is None:
+            measure_client_costs(method, fed, ledger)
     else:
         method.load_state_dict(checkpoint["method"])
         first_round, metrics, initial = checkpoint["round"], checkpoint["metrics"], checkpoint["initial"]
@@ -88,7 +98,11 @@ def execute_rounds(cfg: RunConfig, run: RunDir, fed: Federation, device: torch.d
         observer.message(f"resuming {run.path} after round {first_round}/{cfg.rounds}")
     runner.begin(method, resumed=checkpoint is not None)
     for r in range(first_round, cfg.rounds):
+        if fleet is not None:
+            measure_round_cost(method, fed, ledger, r)
         row = runner.run_round(method, r, ledger, observer)
+        if fleet is not None:
+            row.update(simulated_clock(method, cfg, fleet, ledger, r, metrics))
         method.write_round_figures(r, run.figures, fed.test)
         last = r + 1 == cfg.rounds
         if (cfg.eval.every and (r + 1) % cfg.eval.every == 0) or last:
@@ -116,6 +130,34 @@ def measure_client_costs(method: Method, fed: Federation, ledger: Ledger) -> Non
     if reference is not None:
         ledger.record(round=0, client=client, kind=REFERENCE_STEP_COST, payload_bytes=reference.payload_bytes,
                       **reference.cost.as_dict())
+
+
+def measure_round_cost(method: Method, fed: Federation, ledger: Ledger, round_index: int) -> None:
+    """The round's client step where it differs from the run's (a staged method's stage), for the clock."""
+    client = _largest_client(fed)
+    cost = method.round_step_cost(round_index, fed.client_data(client))
+    if cost is not None:
+        ledger.record_step_cost(round=round_index, client=client, cost=cost)
+
+
+def measured_step(method: Method, cfg: RunConfig, fed: Federation, ledger: Ledger) -> MeasuredStep:
+    """The measured client step (the ledger's ``step_cost`` row) and the batch setting it was measured at."""
+    row = next(r for r in ledger.rows if r["kind"] == STEP_COST)
+    if isinstance(method, SplitMethod):
+        key, batch, smallest = "split.client_batch", method.split.client_batch, 1
+    else:
+        key, batch, smallest = "batch_size", min(cfg.batch_size, len(fed.client_indices[_largest_client(fed)])), 2
+    return MeasuredStep(float(row["peak_training_bytes"]), float(row["held_before_bytes"]), key, batch, smallest)
+
+
+def simulated_clock(method: Method, cfg: RunConfig, fleet: Fleet, ledger: Ledger, round_index: int,
+                    metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """The round's simulated seconds on the fleet (and the run's so far), from the ledger's rows of the round."""
+    before = float(metrics[-1].get("sim_seconds_total", 0.0)) if metrics else 0.0
+    members = None
+    if isinstance(method, SplitMethod):
+        members = [m.tolist() for m in round_members(cfg, method.split, round_index, method.num_clients)]
+    return clock_columns(round_time(ledger.rows, fleet, round_index, members), fleet, before)
 
 
 def _largest_client(fed: Federation) -> int:

@@ -7,6 +7,9 @@ directly (:func:`local_exchange`); the Flower engine sends messages through the 
 (``fedssl.engines.flower.server``). Everything else is here, once:
 
 - client sampling (:func:`sample_clients`) and simulated dropout (:func:`returns_update`);
+- with a fleet (``[devices]``): clients that are not reachable this round (their profile's availability,
+  ``unavailable``: nothing is sent to them) and those whose simulated time exceeds ``devices.round_deadline_s``
+  (``late``: they trained, their upload is never sent);
 - the ledger: payload bytes down/up per client (and, where the engine measured
   them, the bytes of the messages on the wire beside them);
 - what is never averaged in: a client that sent nothing back (``failed``: no reply
@@ -27,6 +30,8 @@ import numpy as np
 from fedssl.aggregation import check_upload
 from fedssl.config import RunConfig
 from fedssl.data.datasets import ImageData
+from fedssl.devices.clock import exchange_time, step_flops
+from fedssl.devices.fleet import Fleet, available, fleet_of
 from fedssl.engines.observer import Observer, note
 from fedssl.methods.base import ClientResult, FederatedMethod, Payload
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
@@ -96,17 +101,24 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
 
     Returns the round's metrics row. ``dropped`` counts the clients the ``dropout`` setting made
     fail after their download; ``failed`` those the engine got nothing from; ``rejected`` those
-    whose reply did not fit the model. Only the others are aggregated, in client order.
+    whose reply did not fit the model; with a fleet, ``unavailable`` and ``late`` (see the module's
+    docstring). Only the others are aggregated, in client order.
     """
     clients = [0] if method.pooled_data else sample_clients(cfg, round_index, num_clients)
+    fleet, flops_per_image = fleet_of(cfg, num_clients), step_flops(ledger.rows, round_index=round_index)
     observer.round_started(round_index, len(clients))
     start = time.perf_counter()
     sent: dict[int, int] = {}  # client -> payload bytes of its download
-    counts = {"dropped": 0, "failed": 0, "rejected": 0, "up": 0, "down": 0, "wire_up": 0, "wire_down": 0}
+    counts = {"dropped": 0, "failed": 0, "rejected": 0, "up": 0, "down": 0, "wire_up": 0, "wire_down": 0, "late": 0,
+              "unavailable": 0}
     wired = False
 
     def downloads() -> Iterator[tuple[int, Payload]]:
         for client in clients:
+            if not available(cfg, fleet, round_index, client):
+                counts["unavailable"] += 1  # not reachable this round: nothing is sent
+                observer.client_done(round_index, client, {"unavailable": 1})
+                continue
             payload = method.download(round_index, client)
             sent[client] = payload_bytes(payload)
             counts["down"] += sent[client]
@@ -121,6 +133,9 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
     results: list[ClientResult] = []
     for reply in exchange(round_index, downloads()):
         wired = wired or reply.wire_down is not None
+        if is_late(fleet, flops_per_image, reply, sent[reply.client]):
+            _late(round_index, reply, sent[reply.client], counts, ledger, observer)
+            continue
         result = _take(method, round_index, reply, sent[reply.client], counts, ledger, observer)
         if result is not None:
             results.append(result)
@@ -135,7 +150,32 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
            "bytes_up": counts["up"], "bytes_down": counts["down"]}
     if wired:
         row.update(wire_up=counts["wire_up"], wire_down=counts["wire_down"])
+    if fleet is not None:
+        row.update(late=counts["late"], unavailable=counts["unavailable"])
     return row
+
+
+def is_late(fleet: Fleet | None, flops_per_image: float, reply: Reply, down: int) -> bool:
+    """Whether a client's simulated time this round (RTT + download + training + upload on its profile) exceeds
+    the fleet's deadline (never without a fleet, a deadline or a result)."""
+    if fleet is None or not fleet.deadline_s or reply.result is None:
+        return False
+    images = float(reply.result.metrics.get("images", 0))
+    time = exchange_time(fleet.profile(reply.client), flops=flops_per_image * images, bytes_down=down,
+                         bytes_up=payload_bytes(reply.result.upload))
+    return time.total_s > fleet.deadline_s
+
+
+def _late(round_index: int, reply: Reply, down: int, counts: dict[str, int], ledger: Ledger,
+          observer: Observer) -> None:
+    """A late client: it received and trained (its images and download are recorded), its upload is never sent."""
+    assert reply.result is not None
+    images = int(reply.result.metrics.get("images", 0))
+    counts["late"] += 1
+    counts["wire_down"] += reply.wire_down or 0
+    ledger.record(round=round_index, client=reply.client, kind=DOWNLOAD, bytes=down, late=1, images=images,
+                  **_wire(reply, "down"))
+    observer.client_done(round_index, reply.client, {"bytes_down": down, "late": 1})
 
 
 def _take(method: FederatedMethod, round_index: int, reply: Reply, down: int, counts: dict[str, int], ledger: Ledger,
@@ -157,7 +197,8 @@ def _take(method: FederatedMethod, round_index: int, reply: Reply, down: int, co
     counts["wire_up"] += reply.wire_up or 0
     problem = check_upload(result.upload, method.expected_upload(round_index), result.num_samples)
     ledger.record(round=round_index, client=client, kind=UPLOAD, bytes=up, samples=result.num_samples,
-                  steps=int(result.metrics.get("steps", 0)), **_wire(reply, "up"),
+                  steps=int(result.metrics.get("steps", 0)), images=int(result.metrics.get("images", 0)),
+                  **_wire(reply, "up"),
                   **({"rejected": 1} if problem else {}))
     if problem:
         counts["rejected"] += 1

@@ -6,7 +6,9 @@ The in-process engine calls the clients simulated here directly, all clients of 
 (:class:`LocalSplitExchange`); the Flower engine sends messages (``fedssl.engines.flower.split``).
 Everything else is here, once:
 
-- the step's active clients (:func:`step_clients`, drawn from ONE generator seeded by round);
+- the step's active clients (:func:`step_clients`, drawn from ONE generator seeded by round; with a fleet, less
+  the clients that are not reachable this round, :func:`round_members`, and those whose own part of the
+  round would exceed ``devices.round_deadline_s``, :func:`late_clients`: they sit the round out);
 - which client receives the latest client-nets with its forward (it does not hold them);
 - what is never used: a client that sent nothing back (``failed``), or activations / client-nets that
   do not fit or hold NaN/inf (``rejected``); the round goes on without them;
@@ -27,6 +29,8 @@ from torch import Tensor
 
 from fedssl.config import RunConfig, SplitConfig
 from fedssl.data.datasets import ImageData
+from fedssl.devices.clock import split_client_round_time, split_cost
+from fedssl.devices.fleet import available, fleet_of
 from fedssl.engines.observer import Observer, note
 from fedssl.errors import DivergedError
 from fedssl.methods.base import Payload
@@ -181,17 +185,63 @@ def split_round(method: SplitMethod, cfg: RunConfig, round_index: int, exchange:
     n = method.num_clients
     observer.round_started(round_index, n)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, STEP_CLIENTS_SEED))
     traffic, state = Traffic(n), _Round(torch.zeros(n, dtype=torch.long))
     latest = method.latest()
-    for step in range(method.split.sync_every):
-        clients = step_clients(method.split, n, generator)
+    members = round_members(cfg, method.split, round_index, n)
+    late = late_clients(method, cfg, members, ledger)
+    if late:
+        members = [clients[~torch.isin(clients, torch.tensor(late))] for clients in members]
+    for step, clients in enumerate(members):
+        if not len(clients):
+            continue  # no client of this step is reachable
         task = StepTask(round_index, step, clients, state.served[clients])
         _step(method, cfg, task, latest, exchange, traffic, state, ledger)
     participants = torch.nonzero(state.served).flatten()
     if len(participants):
         sync_clients(method, round_index, exchange, participants, traffic)
-    return _record(method, round_index, traffic, state, ledger, observer, time.perf_counter() - start)
+    row = _record(method, round_index, traffic, state, ledger, observer, time.perf_counter() - start)
+    if cfg.devices.mix:
+        row.update(unavailable=n - int(reachable(cfg, round_index, n).sum()), late=len(late))
+        for client in late:  # sent nothing, sent back nothing: the ledger says why
+            ledger.record(round=round_index, client=client, kind=DOWNLOAD, bytes=0, late=1)
+    return row
+
+
+def late_clients(method: SplitMethod, cfg: RunConfig, members: list[Tensor], ledger: Ledger) -> list[int]:
+    """The clients whose own part of the round (their steps in ``members`` and the sync, on their profile:
+    :func:`~fedssl.devices.clock.split_client_round_time`) would exceed ``devices.round_deadline_s``."""
+    fleet = fleet_of(cfg, method.num_clients)
+    if fleet is None or not fleet.deadline_s:
+        return []
+    steps = torch.bincount(torch.cat(members), minlength=method.num_clients) if members else torch.zeros(0)
+    cost, net = split_cost(ledger.rows), payload_bytes(method.latest())
+    act, grad = payload_bytes(method.activations_like()), payload_bytes(method.gradient_like())
+    late = []
+    for client in torch.nonzero(steps).flatten().tolist():
+        fetch = 0 if bool(method.holds_latest[client]) else net  # the nets that ride on its first forward
+        time = split_client_round_time(fleet.profile(client), cost, steps=int(steps[client]),
+                                       images_per_step=method.split.client_batch, activation_bytes=act,
+                                       gradient_bytes=grad, net_bytes_up=net, net_bytes_down=net + fetch)
+        if time.total_s > fleet.deadline_s:
+            late.append(client)
+    return late
+
+
+def reachable(cfg: RunConfig, round_index: int, num_clients: int) -> Tensor:
+    """(N,) bool: the clients reachable this round (all of them without a fleet; else by their availability)."""
+    fleet = fleet_of(cfg, num_clients)
+    return torch.tensor([available(cfg, fleet, round_index, c) for c in range(num_clients)], dtype=torch.bool)
+
+
+def round_members(cfg: RunConfig, split: SplitConfig, round_index: int, num_clients: int) -> list[Tensor]:
+    """The clients of each of the round's ``split.sync_every`` steps (ascending): drawn by :func:`step_clients`
+    from the round's generator, less those not reachable this round (:func:`reachable`)."""
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, STEP_CLIENTS_SEED))
+    steps = [step_clients(split, num_clients, generator) for _ in range(split.sync_every)]
+    if not cfg.devices.mix:
+        return steps
+    here = reachable(cfg, round_index, num_clients)
+    return [clients[here[clients]] for clients in steps]
 
 
 def _step(method: SplitMethod, cfg: RunConfig, task: StepTask, latest: Payload, exchange: SplitExchange,
@@ -258,7 +308,8 @@ def _record(method: SplitMethod, round_index: int, traffic: Traffic, state: _Rou
         wire_up = {"wire_bytes": b["wire_up"][c]} if traffic.wired else {}
         wire_down = {"wire_bytes": b["wire_down"][c]} if traffic.wired else {}
         ledger.record(round=round_index, client=c, kind=UPLOAD, bytes=up_c, activation_bytes=b["activations_up"][c],
-                      weight_bytes=b["weights_up"][c], steps=served[c], samples=served[c] * batch, **wire_up)
+                      weight_bytes=b["weights_up"][c], steps=served[c], samples=served[c] * batch,
+                      images=served[c] * batch, **wire_up)
         ledger.record(round=round_index, client=c, kind=DOWNLOAD, bytes=down_c, gradient_bytes=b["gradients_down"][c],
                       weight_bytes=b["weights_down"][c], steps=served[c], **wire_down)
         up, down = up + up_c, down + down_c

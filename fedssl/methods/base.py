@@ -154,6 +154,11 @@ class Method(ABC):
     def measure_client_step(self, data: ImageData) -> StepCost:
         """Run one real client training step under measurement (memory, FLOPs), without side effects."""
 
+    def round_step_cost(self, round_index: int, data: ImageData) -> StepCost | None:
+        """The client step of ``round_index`` measured, where it differs from the run's (:meth:`measure_client_step`)
+        from this round on; None = it does not. The simulated clock reads it (a staged method's stages)."""
+        return None
+
     def client_lost(self, client_id: int | None) -> None:
         """Server side: the client's state may be gone (it failed, or None: every client, a new Flower run).
 

@@ -331,6 +331,13 @@ class StagedFedSSL(FedAvgSSL):
         worst = max(costs, key=lambda cost: cost.peak_training_bytes)
         return replace(worst, flops_per_image=max(cost.flops_per_image for cost in costs))
 
+    def round_step_cost(self, round_index: int, data: ImageData) -> StepCost | None:
+        """At the first round of each stage: that stage's client step (its active and frozen layers), measured."""
+        index = self.schedule.stage_index(round_index)
+        if round_index != self.schedule.first_round(index):
+            return None
+        return self.measure_stage(data, self.schedule.stage(index))
+
     def end_to_end_stage(self) -> Stage:
         """Every layer of the final model trained at once: what FedAvg of the whole model asks of a client."""
         last = self.schedule.last()

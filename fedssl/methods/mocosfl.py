@@ -92,6 +92,10 @@ class MocoSFL(SplitMethod):
             self._activations = {"query": torch.empty(probe.shape), "key": torch.empty(probe.shape)}
         return self._activations
 
+    def gradient_like(self) -> Payload:
+        """The server sends the gradient of the query activations only (the keys take none)."""
+        return {"query": self.activations_like()["query"]}
+
     def server_step(self, activations: Stacked, clients: Tensor, lr: float) -> ServerStep:
         device = self.ctx.device
         result = self.server.step(activations["query"].to(device), activations["key"].to(device), clients, lr)

@@ -129,6 +129,11 @@ class SplitMethod(Method):
     def measure_server_step(self, activations: Stacked, clients: Tensor) -> StepCost:
         """One real server step on a copy (no side effects), measured."""
 
+    def gradient_like(self) -> Payload:
+        """One client's gradient of one step (what the server sends down; the simulated clock's prediction of a
+        round): by default shaped like its activations."""
+        return self.activations_like()
+
     def client_lost(self, client_id: int | None) -> None:
         """The client's state may be gone (None: every client's, a new Flower run): it must receive the nets again."""
         if client_id is None:
