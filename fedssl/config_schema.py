@@ -189,6 +189,10 @@ class DevicesConfig:
     server: str = "server-gpu"  # split methods: the profile of the server that runs the rest of the network
     round_deadline_s: float = 0.0  # simulated seconds a round waits for its clients (0 = no deadline)
 
+    def __hash__(self) -> int:  # the tables' contents (a dict is not hashable): a RunConfig keys caches (Flower nodes)
+        return hash((tuple(sorted(self.mix.items())), tuple(sorted(self.profiles.items())), self.server,
+                     self.round_deadline_s))
+
 
 @dataclass(frozen=True)
 class RunConfig:

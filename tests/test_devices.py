@@ -40,6 +40,7 @@ def test_profiles_from_toml_round_trip_and_a_seeded_fleet(tmp_path: Path) -> Non
     assert cfg.devices.mix == {"rpi4": 0.25, "mycam": 0.75} and cfg.devices.round_deadline_s == 30.0
     again = make_config(tomllib.loads(dumps_toml(to_dict(cfg))))  # config.toml of a run: read back the same
     assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert hash(again) == hash(cfg) and {cfg: 1}[again] == 1  # a config keys caches (a Flower node's partition)
     fleet = fleet_of(cfg, 8)
     assert fleet is not None and sorted(fleet.names).count("mycam") == 6 and fleet.names.count("rpi4") == 2
     assert fleet_of(cfg, 8) == fleet  # a resumed run gets the same fleet
