@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,14 @@ def create_run_dir(path: str | Path, cfg: RunConfig) -> RunDir:
     return run
 
 
-def discard_unstarted(run: RunDir) -> None:
+def discard_unstarted(run: RunDir, also: Sequence[str] = ()) -> None:
     """Remove a run directory that :func:`create_run_dir` made and nothing has written to since (a run refused
-    before its first round: e.g. a memory budget); anything else in it is left alone."""
+    before its first round: e.g. a memory budget) but its config and the files named in ``also`` (what an engine
+    writes before training: Flower's engine.json and log); anything else in it is left alone."""
     if run.checkpoint.exists():
         return
-    run.config.unlink(missing_ok=True)
+    for name in (run.config.name, *also):
+        (run.path / name).unlink(missing_ok=True)
     for folder in sorted((p for p in run.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             folder.rmdir()  # only empty folders

@@ -180,3 +180,34 @@ def test_flower_refuses_what_it_cannot_run(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "c").exists()
     assert main(["run", "--resume", str(tmp_path), "--engine", "flower"]) == 2
     assert "drop --config/--method/--set/--out/--engine" in capsys.readouterr().err
+
+
+FLEET = ("devices.mix={fast=0.5,slow=0.5}", "devices.round_deadline_s=60",
+         "devices.profiles.fast={memory_mib=4096,gflops=1000,up_mbps=1000,down_mbps=1000,rtt_ms=5,power_w=10}",
+         "devices.profiles.slow={memory_mib=4096,gflops=0.001,up_mbps=1,down_mbps=1,rtt_ms=200,availability=0.6}")
+CLOCK = ("sim_seconds", "sim_seconds_total", "sim_energy_j", "late", "unavailable")
+
+
+def test_a_fleet_on_flower_has_the_in_process_clock_deadline_and_budget(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same simulated clock, late and unreachable clients and per-client energy on Flower as in-process; a
+    memory budget refused on Flower as in-process (one line, exit 2, no run directory)."""
+    flower = tmp_path / "flower"
+    overrides = (*FLOWER_TINY, *FLEET, "clients=4", "eval.probe=false")
+    assert main(["run", *_set_args(*overrides), "--engine", "flower", "--out", str(flower), "--quiet"]) == 0
+    local = start_run(tiny_config(*overrides), tmp_path / "local")
+    rows = read_jsonl(flower / "metrics.jsonl")
+    assert _same(rows) == _same(local.metrics)
+    assert [{k: r.get(k) for k in CLOCK} for r in rows] == [{k: r.get(k) for k in CLOCK} for r in local.metrics]
+    assert sum(r["late"] + r["unavailable"] for r in rows) == 2 * 2  # both slow clients, both rounds
+    devices = json.loads((flower / "final.json").read_text())["devices"]
+    assert devices == json.loads((tmp_path / "local" / "final.json").read_text())["devices"]
+    assert "## Devices and the simulated clock" in (flower / "report.md").read_text()
+    capsys.readouterr()
+    tinybox = "devices.profiles.tinybox={memory_mib=1,gflops=1,up_mbps=1,down_mbps=1}"
+    refused = tmp_path / "refused"
+    args = _set_args(*FLOWER_TINY, "devices.mix={tinybox=1.0}", tinybox)
+    assert main(["run", *args, "--engine", "flower", "--out", str(refused), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedssl: error: 2 of 2 clients have profile 'tinybox' with 1 MiB") and err.count("\n") == 1
+    assert not refused.exists()

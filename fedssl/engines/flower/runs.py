@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedssl.config import RunConfig, load_toml, make_config
+from fedssl.devices.fleet import BudgetError
 from fedssl.engines.federation import Federation, load_federation, resolve_device
 from fedssl.engines.flower.server import FlowerRunner, check_flower_config, num_partitions
 from fedssl.engines.local import SCORING
@@ -31,7 +32,8 @@ from fedssl.engines.observer import Observer
 from fedssl.errors import ConfigError, FedSSLError
 from fedssl.io import atomic_write_text
 from fedssl.methods import METHODS
-from fedssl.run_dir import ENGINE_FILE, RunDir, RunOutcome, create_run_dir, ensure_new_run_dir, open_run_dir
+from fedssl.run_dir import (ENGINE_FILE, RunDir, RunOutcome, create_run_dir, discard_unstarted, ensure_new_run_dir,
+                             open_run_dir)
 
 LOG_FILE = "flower.log"
 APP_ROOT = Path(__file__).resolve().parents[3]  # the Flower app's folder (pyproject.toml, configs/)
@@ -90,7 +92,11 @@ def start_simulation(cfg: RunConfig, path: str | Path, *, observer: Observer) ->
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)  # before the run directory exists
     run = create_run_dir(path, cfg)
     write_engine(run, "simulation")
-    return simulate(cfg, run, observer=observer, fed=fed)
+    try:
+        return simulate(cfg, run, observer=observer, fed=fed)
+    except BudgetError:
+        discard_unstarted(run, also=(ENGINE_FILE, LOG_FILE))  # refused before training, as in-process: no run directory
+        raise
 
 
 def resume_simulation(path: str | Path, *, observer: Observer) -> RunOutcome:
@@ -119,12 +125,17 @@ def simulate(cfg: RunConfig, run: RunDir, *, observer: Observer, fed: Federation
 
     @server.main()
     def main(grid: Any, context: Any) -> None:
-        done["outcome"] = execute_on_grid(grid, cfg, run, observer, fed)
+        try:
+            done["outcome"] = execute_on_grid(grid, cfg, run, observer, fed)
+        except FedSSLError as error:  # e.g. a memory budget: the user's one line, not Flower's log of a crash
+            done["error"] = error
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray notice about GPUs
     with run_log(run):
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_partitions(cfg),
                        backend_config=simulation_backend(cfg))  # type: ignore[arg-type]
+    if "error" in done:
+        raise done["error"]
     if "outcome" not in done:
         raise FedSSLError(f"the Flower simulation stopped before the run finished; see {run.path / LOG_FILE} and "
                           f"continue with fedssl run --resume {run.path}")
