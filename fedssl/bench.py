@@ -176,9 +176,12 @@ def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, co
     """docs/RESULTS.md and its two plots (accuracy vs client memory and vs communication) from the rows."""
     import datetime
 
+    from fedssl.fleet_page import fleet_section
     from fedssl.io import atomic_write_text
     from fedssl.results_page import fold_seeds, plot_tradeoff, render_results_page
 
+    fleet_rows = [r for r in rows if r.get("fleet")]
+    rows = [r for r in rows if not r.get("fleet")]
     folded = fold_seeds(rows)
     title = f"{spec.name}: {spec.headline}"
     plots = [plot_tradeoff(folded, "memory", "client peak training memory (MiB, measured on a real step)",
@@ -188,6 +191,7 @@ def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, co
     text = render_results_page(spec, rows, when=datetime.date.today().isoformat(), machine=machine_description(),
                                command=command, plots=[str(p.relative_to(docs)) for p in plots],
                                reliability=reliability, pending=pending)
+    text += "\n" + fleet_section(spec.fleets, fleet_rows, docs)
     out = docs / "RESULTS.md"
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from fedssl.config import RunConfig, config_hash, make_config
 from fedssl.errors import FedSSLError
+from fedssl.fleet_page import fleet_summary_of
 from fedssl.report import client_cost
 from fedssl.resources import REFERENCE_STEP_COST, Ledger
 from fedssl.run_dir import RunDir, open_run_dir, read_jsonl
@@ -107,6 +108,7 @@ def summarize_run(path: Path) -> dict[str, Any]:
         "train_seconds": float(sum(m["seconds"] for m in metrics)),
         "image_steps": int(sum(m["images"] for m in metrics)),
         "rounds": cfg.rounds,
+        **({"fleet": fleet_summary_of(path)} if cfg.devices.mix else {}),
     }
 
 
@@ -161,6 +163,31 @@ class Block:
 
 
 @dataclass(frozen=True)
+class FleetSpec:
+    """A fleet a comparison runs every federated method on (seed 0 of ``block``), clocked on its profiles.
+
+    ``overrides``: its ``[devices]`` keys; every fleet run also monitors kNN on a validation split each round
+    (:data:`FLEET_EVAL`) so that its time to random init + 5 points is read on data no choice is made on.
+    """
+
+    name: str  # e.g. "100 Raspberry Pi 4 on 10/2 Mbit/s"
+    description: str
+    overrides: tuple[str, ...]  # e.g. ("devices.mix={rpi4=1.0}",)
+    block: Block  # the partition, clients and seeds it runs on
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.name)
+
+    @property
+    def group(self) -> str:
+        return f"fleet: {self.name}"
+
+
+FLEET_EVAL = ("eval.every=1", "eval.val_fraction=0.2", "eval.probe=false")
+
+
+@dataclass(frozen=True)
 class ComparePreset:
     """A whole comparison: data, the two backbone families, methods, the settings (blocks) and the ceilings' seeds."""
 
@@ -174,6 +201,7 @@ class ComparePreset:
     headline: str  # the group the plots and the claims' table read (a Block.group)
     finetune: bool = False
     method_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> preset-specific keys
+    fleets: tuple[FleetSpec, ...] = ()  # the page's fleet section (every federated method on each)
 
 
 IID = ("IID", ("partition=iid",))
@@ -223,6 +251,21 @@ _CPU_VIT = {"model": {"arch": "vit", "width": 64, "depth": 4, "heads": 4, "patch
             "mae": {"decoder_width": 64, "decoder_heads": 2},
             "eval": {"every": 0}}
 
+_FLEET_BLOCK = Block(*DIRICHLET, 100, (0,))
+_CPU_FLEETS = (
+    FleetSpec("100 Raspberry Pi 4 on 10/2 Mbit/s",
+              "Every client a Raspberry Pi 4 (the built-in `rpi4` profile: 8 GFLOP/s, 10 Mbit/s down, 2 Mbit/s up, "
+              "50 ms RTT, 6 W), always reachable, no deadline; Dirichlet 0.5 over 100 clients; MocoSFL's server on "
+              "the `server-gpu` profile.",
+              ("devices.mix={rpi4=1.0}",), _FLEET_BLOCK),
+    FleetSpec("50 phones + 50 Raspberry Pi 4, 30 s deadline",
+              "Half the clients mid-range phones (`phone`: 20 GFLOP/s, 50/10 Mbit/s, reachable 80% of rounds, 4 W), "
+              "half Raspberry Pi 4; a round waits at most 30 simulated seconds: a client whose download + training "
+              "+ upload (MocoSFL: its steps and its sync) would take longer is late and not aggregated; Dirichlet "
+              "0.5 over 100 clients.",
+              ("devices.mix={rpi4=0.5,phone=0.5}", "devices.round_deadline_s=30"), _FLEET_BLOCK),
+)
+
 COMPARE_PRESETS: dict[str, ComparePreset] = {
     "cpu": ComparePreset(
         name="cpu",
@@ -239,7 +282,7 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                 Block(*TWO_CLASSES, 100, (0,)),
                 Block(*IID, 100, (0,), ("FedMoCo v2", "MocoSFL-1 (cut 1)")),
                 Block(*TWO_CLASSES, 1000, (0,), ("MocoSFL-1 (cut 1)",))),
-        ceiling_seeds=(0, 1, 2), headline="Dirichlet 0.5, 10 clients"),
+        ceiling_seeds=(0, 1, 2), headline="Dirichlet 0.5, 10 clients", fleets=_CPU_FLEETS),
     "gpu-paper": ComparePreset(
         name="gpu-paper",
         description=("the papers' scale: full CIFAR-10 (downloaded), ResNet-18 (width 64, GroupNorm) and ViT-Tiny "
@@ -293,6 +336,14 @@ def build_grid(preset: ComparePreset, extra: Sequence[str] = ()) -> list[Setting
                 settings.append(Setting(key, label, values(spec),
                                         (*block.overrides, f"clients={block.clients}", *overrides(spec, seed)),
                                         group=block.group, finetune=preset.finetune))
+    for fleet in preset.fleets:
+        for label in fleet.block.methods or tuple(m.label for m in preset.methods if m.federated):
+            for seed in fleet.block.seeds:
+                key = f"{_slug(label)}-fleet-{fleet.slug}-s{seed}"
+                settings.append(Setting(key, label, values(specs[label]),
+                                        (*fleet.block.overrides, f"clients={fleet.block.clients}",
+                                         *fleet.overrides, *FLEET_EVAL, *overrides(specs[label], seed)),
+                                        group=fleet.group))
     return settings
 
 

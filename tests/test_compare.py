@@ -11,6 +11,7 @@ import torch
 from fedssl.compare import (COMPARE_PRESETS, Setting, build_grid, ensure_run, finished_settings, run_comparison,
                             summarize_run)
 from fedssl.errors import FedSSLError
+from fedssl.fleet_page import fleet_section, time_to_gain
 from fedssl.reliability import check_bad_configs
 from fedssl.results_page import Claim, claim_verdict, fold_seeds, goals_section, pareto_front, render_results_page
 from tests.helpers import TINY
@@ -20,14 +21,19 @@ def test_grids_cover_every_method_partition_and_client_count() -> None:
     cpu = build_grid(COMPARE_PRESETS["cpu"], ["data_dir=/data"])
     keys = [s.key for s in cpu]
     # 2 ceilings x 3 seeds + 10 federated methods x 3 seeds (Dirichlet, 10) + 10 (2 classes, 100) + 2 (IID, 100) + 1
-    assert len(keys) == len(set(keys)) == 6 + 30 + 10 + 2 + 1
+    # + 10 federated methods on each of the two fleets
+    assert len(keys) == len(set(keys)) == 6 + 30 + 10 + 2 + 1 + 2 * 10
+    fleets = [s.config() for s in cpu if s.group.startswith("fleet: ")]
+    assert all(c.devices.mix and c.eval.every == 1 and c.eval.val_fraction > 0 and c.clients == 100 for c in fleets)
+    assert {c.devices.round_deadline_s for c in fleets} == {0.0, 30.0}
     labels = {s.label for s in cpu}
     assert {"FedMoCo v2", "FedMoCo v3 (ViT, end-to-end)", "FedSimCLR", "FedBYOL", "MocoSFL-1 (cut 1)",
             "LW-FedSSL", "Prog-FedSSL", "FedMAE (stage-wise)", "federated MAE (end-to-end)",
             "centralized MoCo v2 (ceiling)", "centralized MoCo v3 (ViT ceiling)"} <= labels
     groups = {s.group for s in cpu if s.label == "MocoSFL-1 (cut 1)"}
     assert groups == {"Dirichlet 0.5, 10 clients", "2 classes per client, 100 clients", "IID, 100 clients",
-                      "2 classes per client, 1,000 clients"}
+                      "2 classes per client, 1,000 clients", "fleet: 100 Raspberry Pi 4 on 10/2 Mbit/s",
+                      "fleet: 50 phones + 50 Raspberry Pi 4, 30 s deadline"}
     headline = [s for s in cpu if s.group == COMPARE_PRESETS["cpu"].headline]
     assert {s.config().seed for s in headline} == {0, 1, 2}
     for setting in cpu:  # every config is valid, and every method gets the same passes over the data
@@ -151,3 +157,26 @@ def test_every_bad_config_case_of_the_reliability_page_holds(tmp_path: Path) -> 
 def test_rows_are_json_serialisable(tmp_path: Path) -> None:
     rows = run_comparison([_setting("c")], tmp_path)
     assert json.loads(json.dumps(rows))[0]["label"] == "FedMoCo" and torch.isfinite(torch.tensor(rows[0]["knn"]))
+
+
+def test_a_fleet_run_gives_time_to_random_init_plus_five_points_and_the_page_section(tmp_path: Path) -> None:
+    """A fleet setting monitors kNN on a validation split each round with the simulated clock beside it; its row's
+    curve is the metrics' (simulated seconds so far, monitor), and the page's fleet section shows the table and plot."""
+    from fedssl.compare import FLEET_EVAL, Block, FleetSpec
+
+    assert time_to_gain([(10.0, 0.21), (20.0, 0.26), (30.0, 0.3)], 0.2) == 20.0
+    assert time_to_gain([(10.0, 0.21)], 0.2) is None
+    spec = FleetSpec("two boards", "tiny", ("devices.mix={rpi4=1.0}",), Block("IID", ("partition=iid",), 3, (0,)))
+    setting = Setting("f", "FedMoCo", TINY, ("rounds=2", "local_steps=1", *spec.overrides, *FLEET_EVAL),
+                      group=spec.group)
+    row = {"key": "f", "label": "FedMoCo", "group": spec.group, **summarize_run(ensure_run(setting, tmp_path))}
+    metrics = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    fleet = row["fleet"]
+    assert fleet["curve"] == [(m["sim_seconds_total"], m["knn_acc"]) for m in metrics] and len(metrics) == 2
+    final = json.loads((tmp_path / "f" / "final.json").read_text())
+    assert fleet["monitor_init"] == final["initial"]["val_knn_acc"] and fleet["fleet_mix"] == {"rpi4": 3}
+    assert fleet["energy_j"] > 0 and fleet["late"] == fleet["unavailable"] == 0 and fleet["client_rounds"] == 6
+    text = fleet_section([spec], [row], tmp_path / "docs")
+    assert "### two boards" in text and "| FedMoCo |" in text and "monitor at random init + 5" in text
+    assert (tmp_path / "docs" / "results" / "fleet-two-boards.png").is_file()
+    assert "Not run yet" in fleet_section([spec], [], tmp_path / "docs")
