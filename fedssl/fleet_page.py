@@ -12,6 +12,7 @@ kNN of the FINAL encoder stands beside its random init, as everywhere on the pag
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from fedssl.devices.report import human_seconds
 from fedssl.io import atomic_savefig
 from fedssl.report import markdown_table
-from fedssl.run_dir import RunDir, read_jsonl
+from fedssl.run_dir import open_run_dir, read_jsonl
 
 TARGET_GAIN = 0.05  # "time to random init + 5 points": the page's federated goal, on the monitor
 
@@ -34,7 +35,7 @@ def time_to_gain(curve: Sequence[tuple[float, float]], start: float, gain: float
 
 def fleet_summary_of(path: Path) -> dict[str, Any]:
     """A finished fleet run's figures (see the module's docstring), from its metrics.jsonl and final.json."""
-    run = RunDir(path)
+    run, cfg = open_run_dir(path)
     final = json.loads(run.final.read_text())
     metrics = read_jsonl(run.metrics)
     devices = final["devices"]
@@ -47,7 +48,7 @@ def fleet_summary_of(path: Path) -> dict[str, Any]:
             "energy_j": sum(energy) / len(energy) if energy else None,
             "late": int(sum(m.get("late", 0) for m in metrics)),
             "unavailable": int(sum(m.get("unavailable", 0) for m in metrics)),
-            "client_rounds": int(sum(m.get("clients", 0) for m in metrics)),
+            "client_rounds": len(metrics) * max(1, math.ceil(cfg.sample_fraction * cfg.clients)),  # sampled
             "fleet_mix": _mix(devices), "deadline_s": devices["deadline_s"]}
 
 
@@ -78,11 +79,12 @@ def fleet_table(rows: Sequence[Mapping[str, Any]]) -> str:
         fleet = r["fleet"]
         energy = fleet["energy_j"]
         body.append([r["label"], _pct(r["knn"]), _pct(r["knn_init"]), f"{100 * (r['knn'] - r['knn_init']):+.2f}",
-                     _reached(r), human_seconds(fleet["sim_seconds"]), f"{r['comm'] / 2**20:.1f}",
-                     "—" if energy is None else f"{energy / 3600:.3f}",
+                     _reached(r), human_seconds(fleet["sim_seconds"]), f"{r['optimizer_steps']:,}",
+                     f"{r['comm'] / 2**20:.1f}", "—" if energy is None else f"{energy:.1f}",
                      f"{fleet['late']} / {fleet['unavailable']} of {fleet['client_rounds']}"])
     return markdown_table(["method", "kNN (test)", "random init", "gain", "monitor at random init + 5",
-                           "simulated run", "MiB / client", "Wh / client", "late / unavailable"], body)
+                           "simulated run", "optimizer steps", "MiB / client", "J / client", "late / unavailable"],
+                          body)
 
 
 def _order(row: Mapping[str, Any]) -> tuple[float, str]:
@@ -127,6 +129,11 @@ def winner_line(rows: Sequence[Mapping[str, Any]]) -> str:
     return text + (f"; never within the run: {', '.join(missed)}." if missed else ".")
 
 
+def _versions(rows: Sequence[Mapping[str, Any]]) -> str:
+    versions = sorted({str(r.get("code_version", "unrecorded")) for r in rows})
+    return f"Fleet runs of code {', '.join(f'`{v}`' for v in versions)}." if versions else ""
+
+
 def fleet_section(fleets: Sequence[Any], rows: Sequence[Mapping[str, Any]], docs: Path) -> str:
     """The page's "On a fleet" section: per fleet, its table, the winner and the plot (written under docs)."""
     if not fleets:
@@ -138,8 +145,10 @@ def fleet_section(fleets: Sequence[Any], rows: Sequence[Mapping[str, Any]], docs
             "and the server's step; `fedssl/devices/clock.py`). The kNN monitor reads a VALIDATION split (a fifth of "
             "the training split, held out from the clients) after every round; \"monitor at random init + 5\" is the "
             "simulated time at which it first reached its own random init + 5 points. kNN (test) is the final "
-            "encoder's, scored once. MiB / client: up + down, mean over clients; Wh / client: training energy on the "
-            "profile's power; late / unavailable: client-rounds lost to the deadline / to availability.\n\n")
+            "encoder's, scored once. Optimizer steps: summed over clients; MiB / client: up + down, mean over clients; "
+            "J / client: training energy on the profile's power, mean over clients; late / unavailable: sampled "
+            "client-rounds lost to the deadline / to availability. "
+            + _versions(rows) + "\n\n")
     for spec in fleets:
         shown = [r for r in rows if r.get("group") == spec.group and r.get("fleet")]
         text += f"### {spec.name}\n\n{spec.description}\n\n"
