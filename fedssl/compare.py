@@ -274,7 +274,9 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                      "8 passes over the data for every method (8 rounds of one local epoch; layer-wise methods: 2 "
                      "rounds per block; MocoSFL: 8 sync periods of about an epoch each); Dirichlet 0.5 over 10 "
                      "clients with three seeds, 2 classes per client over 100 clients, IID over 100 clients for "
-                     "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; over two hours on 2 CPU cores (its first 24 settings: 61 min)"),
+                     "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; and every federated method on two fleets of simulated "
+                     "devices (below); 4-5 hours of single-thread runs on 2 CPU cores (the 49 settings' rounds: 216 min; "
+                     "the 20 fleet runs: 33 min as two processes)"),
         data={"dataset": "cifar10", "download": False},
         families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
         methods=tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)"),
