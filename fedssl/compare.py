@@ -276,7 +276,7 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                      "clients with three seeds, 2 classes per client over 100 clients, IID over 100 clients for "
                      "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; and every federated method on two fleets of simulated "
                      "devices (below); 4-5 hours of single-thread runs on 2 CPU cores (the 49 settings' rounds: 216 min; "
-                     "the 20 fleet runs: 33 min as two processes)"),
+                     "the 20 fleet runs: 41 min as two processes)"),
         data={"dataset": "cifar10", "download": False},
         families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
         methods=tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)"),
