@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Mapping, Protocol
 
@@ -24,6 +25,7 @@ from fedssl.config_io import check as _check
 from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
                                  EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
                                  SplitConfig, SSLConfig)
+from fedssl.config_schema import SECAGG_MAX_CLIENTS
 from fedssl.devices.profiles import validate_devices
 
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
@@ -163,6 +165,13 @@ def _validate_flower(cfg: RunConfig) -> None:
     _check(fl.round_timeout > 0, "flower.round_timeout", "must be > 0 seconds")
     _check(fl.connect_timeout > 0, "flower.connect_timeout", "must be > 0 seconds")
     _check(fl.client_cpus > 0, "flower.client_cpus", "must be > 0 (CPU cores per simulated ClientApp)")
+    _check(0 < fl.secagg_shares <= 1, "flower.secagg_shares", f"{fl.secagg_shares} must be in (0, 1] (1 = all)")
+    _check(0 < fl.secagg_threshold <= 1, "flower.secagg_threshold", f"{fl.secagg_threshold} must be in (0, 1]")
+    _check(fl.secagg_clip > 0, "flower.secagg_clip", "must be > 0 (the largest change of a value in one round)")
+    if fl.secagg:
+        sampled = max(1, math.ceil(cfg.sample_fraction * cfg.clients))
+        _check(2 <= sampled <= SECAGG_MAX_CLIENTS, "flower.secagg", f"SecAgg+ sums 2 to {SECAGG_MAX_CLIENTS} "
+               f"clients a round but this config samples {sampled}; raise clients or sample_fraction")
 
 
 def _validate_staged(cfg: RunConfig) -> None:

@@ -156,6 +156,16 @@ class FlowerConfig:
     round_timeout: float = 600.0  # s the server waits for the replies of one exchange; later ones count as failed
     connect_timeout: float = 120.0  # s the server waits at the start for the SuperNode of every client
     client_cpus: float = 1.0  # simulation: CPU cores Ray reserves per ClientApp (at most the machine's)
+    # SecAgg+ (Flower's protocol, fedssl.engines.flower.secagg; README "Privacy"): round-based methods only
+    secagg: bool = False  # the server receives the sum of a round's client changes, never one client's
+    secagg_shares: float = 1.0  # share of a round's clients each client secret-shares its keys with (Flower's num_shares)
+    secagg_threshold: float = 0.5  # share of those shares that rebuilds a key: higher = safer, fewer drop-outs survived
+    secagg_clip: float = 8.0  # a value's change in one round is clipped to +-this, then quantised to SECAGG_LEVELS steps
+
+
+SECAGG_LEVELS = 2**22  # SecAgg+ quantisation: [-secagg_clip, secagg_clip] -> integers 0..2**22 (Flower's default)
+SECAGG_MODULUS = 2**32  # SecAgg+ masks and sums are mod 2**32 (Flower's default and largest)
+SECAGG_MAX_CLIENTS = SECAGG_MODULUS // SECAGG_LEVELS - 1  # more clients in one sum could overflow the modulus
 
 
 @dataclass(frozen=True)

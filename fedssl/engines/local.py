@@ -109,8 +109,16 @@ class LocalRunner:
 SCORING = Scoring(baseline=baseline_evaluation, monitor=knn_monitor, final=full_evaluation)
 
 
+def check_local_config(cfg: RunConfig) -> None:
+    """A config only the Flower engine can run, refused with the fix."""
+    if cfg.flower.secagg:
+        raise FedSSLError("flower.secagg runs Flower's SecAgg+ protocol over messages, which the in-process engine "
+                          "does not send; run it with --engine flower (or on a deployment) or set flower.secagg=false")
+
+
 def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
     """A new run in a new directory (created only once the data has loaded)."""
+    check_local_config(cfg)
     ensure_new_run_dir(path)
     device = resolve_device(cfg.device)
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
@@ -125,6 +133,7 @@ def start_run(cfg: RunConfig, path: str | Path, *, observer: Observer | None = N
 def resume_run(path: str | Path, *, observer: Observer | None = None) -> RunOutcome:
     """Continue a run from its last checkpoint (or from the start if it never finished a round)."""
     run, cfg = open_run_dir(path)
+    check_local_config(cfg)
     device = resolve_device(cfg.device)
     fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
     return _execute(cfg, run, fed, device, observer or SilentObserver())

@@ -9,7 +9,7 @@ from typing import Any
 from fedssl.config import RunConfig, check, register_method_rules
 from fedssl.methods.base import Method, MethodContext
 from fedssl.methods.centralized import Centralized
-from fedssl.methods.fedavg import FedBYOL, FedMoCo, FedMoCoV3, FedSimCLR
+from fedssl.methods.fedavg import FedAvgSSL, FedBYOL, FedMoCo, FedMoCoV3, FedSimCLR
 from fedssl.methods.fedmae import FedMAE
 from fedssl.methods.layerwise import LWFedSSL, ProgFedSSL
 from fedssl.methods.mocosfl import MocoSFL
@@ -40,6 +40,10 @@ class Registry:
             check(cfg.calibration.aux_fraction == 0, "calibration.aux_fraction",
                   f"only {calibrating} calibrate on the server; set it to 0")
             check(cfg.alignment.weight == 0, "alignment.weight", f"only {calibrating} align; set it to 0")
+        if cfg.flower.secagg and not issubclass(method, FedAvgSSL):
+            how = "pools all data in one place" if method.pooled_data else "exchanges activations every step"
+            check(False, "flower.secagg", f"SecAgg+ sums one upload per client and round but {cfg.method} {how}; "
+                  "set it to false")
         method.validate(cfg)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedssl.engines.flower import node, split
+from fedssl.engines.flower import node, secagg, split
 from fedssl.engines.flower.messages import NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record, to_record
 from fedssl.errors import FedSSLError
 
@@ -32,7 +32,7 @@ def hello(message: Message, context: Context) -> Message:
     return Message(content(**{NODE: answer}), reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secagg.client_mod])  # under flower.secagg: Flower's SecAgg+ mod around the handler
 def train(message: Message, context: Context) -> Message:
     """A round of a round-based method: the download in, local training, the upload out."""
     cfg, setup = _setup(message, context)

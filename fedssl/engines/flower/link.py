@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedssl.config import RunConfig, config_hash, dumps_toml, to_dict
@@ -59,6 +59,7 @@ class Link:
         self.nodes: dict[int, int] = {}  # client (partition id) -> node id
         self.asked: set[int] = set()  # node ids that answered hello (or failed it)
         self.configured: set[int] = set()  # node ids known to hold this run's config
+        self.samples: dict[int, int] = {}  # client -> the images its node said it holds (on hello)
 
     # -------------------------------------------------------------- nodes
 
@@ -107,6 +108,7 @@ class Link:
             if client in self.nodes and self.nodes[client] != node:
                 changed.append(client)
             self.nodes[client] = node
+            self.samples[client] = int(info["num-samples"])
             log.info("client %d is node %d: %d images from %s (digest %s)", client, node, int(info["num-samples"]),
                      info["data-source"], info["data-digest"])
         return changed
@@ -128,12 +130,24 @@ class Link:
             response.client = clients[node]
             yield response
 
-    def _message(self, node: int, message_type: str, task: Mapping[str, Any], records: Mapping[str, Any]) -> Message:
+    def content(self, node: int, task: Mapping[str, Any], records: Mapping[str, Any]) -> RecordDict:
+        """A message's content for ``node``: the task fields with the config's hash (and the config itself while
+        the node may not hold it), then the records."""
         fields = {**task, "config-hash": self.config_hash}
         if node not in self.configured:
             fields["config"] = self.config_text  # the node's first message of this run: its config, then cached
+        return content(task=fields, **records)
+
+    def answered(self, node: int, ok: bool) -> None:
+        """What a node's reply says of its config: it holds it (ok), or it may have lost it (its ClientApp failed)."""
+        if ok:
+            self.configured.add(node)
+        else:
+            self.configured.discard(node)
+
+    def _message(self, node: int, message_type: str, task: Mapping[str, Any], records: Mapping[str, Any]) -> Message:
         ttl = max(self.cfg.flower.round_timeout, self.cfg.flower.connect_timeout) + TTL_MARGIN_SECONDS
-        return Message(content(task=fields, **records), dst_node_id=node, message_type=message_type, ttl=ttl)
+        return Message(self.content(node, task, records), dst_node_id=node, message_type=message_type, ttl=ttl)
 
     def _send(self, messages: list[tuple[int, Message]], timeout: float) -> Iterator[tuple[int, Response]]:
         """Push the messages, pull replies until all came or ``timeout`` passed; (node, response) each."""

@@ -3,8 +3,8 @@
 :class:`FlowerRunner` plugs into the shared run loop (``fedssl.engines.loop.execute``): a round is
 the in-process engine's (``fedssl.engines.rounds.federated_round`` for round-based methods,
 ``fedssl.engines.steps.split_round`` for split methods) with the exchange done by messages
-(:func:`round_exchange` here, ``fedssl.engines.flower.split.FlowerSplitExchange``) through the
-:class:`~fedssl.engines.flower.link.Link`.
+(:func:`round_exchange` here, ``fedssl.engines.flower.secagg.secure_exchange`` under ``flower.secagg``,
+``fedssl.engines.flower.split.FlowerSplitExchange``) through the :class:`~fedssl.engines.flower.link.Link`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from fedssl.config import RunConfig
 from fedssl.engines.flower.link import Link, Request
 from fedssl.engines.flower.messages import PAYLOAD, RESULT, TRAIN, UPLOAD, from_record, to_record
+from fedssl.engines.flower.secagg import secure_exchange
 from fedssl.engines.flower.split import FlowerSplitExchange
 from fedssl.engines.observer import Observer
 from fedssl.engines.rounds import Exchange, Reply, federated_round
@@ -90,5 +91,6 @@ class FlowerRunner:
             return split_round(method, self.cfg, round_index, FlowerSplitExchange(self.link, method), ledger, observer)
         if not isinstance(method, FederatedMethod):
             raise FedSSLError(f"{method.name} has no Flower messages; run it with --engine local")
-        return federated_round(method, self.cfg, round_index, self.clients, round_exchange(self.link, self.cfg),
-                               ledger, observer)
+        exchange = secure_exchange(self.link, self.cfg, method) if self.cfg.flower.secagg else \
+            round_exchange(self.link, self.cfg)
+        return federated_round(method, self.cfg, round_index, self.clients, exchange, ledger, observer)
