@@ -95,6 +95,7 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
         ("AdamW 3e-3", [*VIT, "lr=3e-3"]),
         ("patch 8", [*VIT, "model.patch_size=8"]),
         ("warm-up 2 rounds", [*VIT, "warmup_rounds=2"]),
+        ("12 rounds x 1 epoch (2x steps and epochs)", [*VIT, "rounds=12"]),
     ],
 }
 
