@@ -106,8 +106,10 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
             "(the random-init and raw-pixel rows are each seed's untrained encoder and pixels).\n\n")
     note = ("\nNoise norm / clip bound: the norm of one round's noise on the AVERAGE (z x clip x sqrt(values "
             f"uploaded) / {m}) over the largest norm the average of the clipped updates can have (the clip bound); "
-            "clipped updates: the share of the client updates the bound scaled down. Wall times are of this machine "
-            "as it was during the runs (others may share it).\n")
+            "clipped updates: the share of the client updates the bound scaled down. Where that ratio is large, the "
+            "final weights are mostly noise (a differently scaled random network), so a kNN above random init there "
+            "is not evidence of learning. Wall times are of this machine as it was during the runs (others may share "
+            "it).\n")
     if args.quick:
         head = "**A smoke run (`--quick`): a tiny budget that proves the script works, not a measurement.**\n\n" + head
     return head + table(rows) + note
