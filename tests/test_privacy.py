@@ -15,6 +15,7 @@ from fedssl.cli import EXIT_USER_ERROR, main
 from fedssl.config import dumps_toml, to_dict
 from fedssl.data.datasets import DATASETS
 from fedssl.engines.local import load_federation, start_run
+from fedssl.methods import METHODS
 from fedssl.methods.base import ClientResult, MethodContext
 from fedssl.methods.fedavg import FedMoCo
 from fedssl.privacy import accountant
@@ -48,14 +49,20 @@ def test_clipping_bounds_every_clients_contribution() -> None:
     assert global_norm(noised_sum(download, [big, big, big], 0.5, 0.0, torch.Generator())) <= 1.5 * (1 + 1e-12)
 
 
-def test_a_real_client_uploads_its_update_clipped() -> None:
-    cfg = tiny_config(*DP, threads=1)
+@pytest.mark.parametrize("method", ["fedmoco", "lw-fedssl"])
+def test_a_real_client_uploads_its_update_clipped(method: str) -> None:
+    """A real client's local round: what it sends differs from what it got by at most the bound. LW-FedSSL in its
+    second stage: the download also holds the frozen first stage, which is never sent back."""
+    cfg = tiny_config(*DP, f"method={method}", "rounds=2", "model.blocks_per_stage=[1,1]", "privacy.clip_norm=0.005",
+                      threads=1)
     fed = load_federation(cfg, pooled=False)
-    method = FedMoCo(MethodContext(cfg, fed.train.info, torch.device("cpu")))
-    download = method.download(0, 1)
-    result = method.client.train(download, fed.client_data(1), round_index=0, client_id=1)
-    assert result.metrics["clipped"] == 1.0  # two local steps move the weights by more than 0.05
-    assert global_norm(update_of(result.upload, download)) <= 0.05 * (1 + 1e-5)  # float32 rounding of the sum
+    server = METHODS[method](MethodContext(cfg, fed.train.info, torch.device("cpu")))
+    last = cfg.rounds - 1
+    download = server.download(last, 1)
+    result = server.client.train(download, fed.client_data(1), round_index=last, client_id=1)
+    assert result.metrics["clipped"] == 1.0  # two local steps move the weights by more than 0.005
+    assert global_norm(update_of(result.upload, download)) <= 0.005 * (1 + 1e-5)  # float32 rounding of the sum
+    assert set(result.upload) < set(download) if method == "lw-fedssl" else set(result.upload) == set(download)
 
 
 def test_the_noise_has_the_configured_scale() -> None:
