@@ -23,8 +23,8 @@ from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_
                               to_dict)
 from fedssl.config_io import check as _check
 from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
-                                 EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
-                                 SplitConfig, SSLConfig)
+                                 EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, PrivacyConfig,
+                                 RunConfig, SplitConfig, SSLConfig)
 from fedssl.config_schema import SECAGG_MAX_CLIENTS
 from fedssl.devices.profiles import validate_devices
 
@@ -74,7 +74,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     The sections run in a fixed order, so a config with several faults always names the same one first.
     """
     for section in (_validate_choices, _validate_run, _validate_model, _validate_ssl, _validate_split,
-                    _validate_eval, _validate_staged, _validate_flower, _validate_mae):
+                    _validate_eval, _validate_staged, _validate_flower, _validate_mae, _validate_privacy):
         section(cfg)
     validate_devices(cfg.devices)
     method_rules().validate(cfg)
@@ -203,6 +203,16 @@ def _validate_mae(cfg: RunConfig) -> None:
     _check(mae.pictures >= 0, "mae.pictures", "must be >= 0 (0 = no reconstruction pictures)")
 
 
+def _validate_privacy(cfg: RunConfig) -> None:
+    """[privacy]: ranges, whether or not it is enabled (which methods take it: the methods' own rules)."""
+    p = cfg.privacy
+    _check(math.isfinite(p.clip_norm) and p.clip_norm > 0, "privacy.clip_norm",
+           f"{p.clip_norm} must be a finite number > 0 (the L2 bound on a client's update), e.g. 1.0")
+    _check(math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0, "privacy.noise_multiplier",
+           f"{p.noise_multiplier} must be a finite number >= 0 (noise std / clip_norm; 0 = clipping only), e.g. 1.0")
+    _check(0 < p.delta < 1, "privacy.delta", f"{p.delta} must be in (0, 1), and below 1 / clients, e.g. 1e-5")
+
+
 # ---------------------------------------------------------------- building (parsing and writing: fedssl.config_io)
 
 
@@ -232,12 +242,14 @@ def _default_backbone(values: dict[str, Any]) -> None:
 def config_hash(cfg: RunConfig) -> str:
     """A short stable digest of everything that changes what a run computes.
 
-    A config without a fleet (the default ``[devices]``) digests as it did before that section existed, so the
-    checkpoints of older runs still resume.
+    A config without a fleet (the default ``[devices]``) or DP (the default ``[privacy]``) digests as it did before
+    that section existed, so the checkpoints of older runs still resume.
     """
     values = to_dict(cfg)
     if cfg.devices == DevicesConfig():
         del values["devices"]
+    if cfg.privacy == PrivacyConfig():  # likewise for runs from before [privacy]
+        del values["privacy"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -205,6 +205,21 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy of the round-based methods (DP-FedAvg, ``fedssl.privacy.dp``): each
+    client's update clipped to ``clip_norm``, Gaussian noise on their sum; epsilon at ``delta`` from the
+    accountant (``fedssl.privacy.accountant``). Off unless ``enabled``."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0  # L2 bound on a client's update (upload - download) over all exchanged float tensors
+    noise_multiplier: float = 1.0  # z: noise std on the sum of updates = z * clip_norm (0 = clipping only, eps = inf)
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta); keep it below 1 / clients
+    # False: the noise key is drawn from the OS's entropy and kept in the checkpoint only; True: derived from
+    # `seed` (identical reruns; the noise is then known to whoever knows the config)
+    reproducible_noise: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole experiment: method, data, federation, local training, evaluation."""
 
@@ -252,6 +267,7 @@ class RunConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-__all__ = ["AlignmentConfig", "CalibrationConfig", "DeviceProfile", "DevicesConfig", "EvalConfig", "FlowerConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "RunConfig", "SSLConfig", "SplitConfig"]
+__all__ = ["AlignmentConfig", "CalibrationConfig", "DeviceProfile", "DevicesConfig", "EvalConfig", "FlowerConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "PrivacyConfig", "RunConfig", "SSLConfig", "SplitConfig"]

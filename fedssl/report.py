@@ -182,16 +182,39 @@ def rounds_section(metrics: list[dict[str, Any]]) -> str:
     faults = [k for k in ("dropped", "failed", "rejected", "late", "unavailable") if any(m.get(k) for m in metrics)]
     wire = any("wire_up" in m for m in metrics)
     clock = any("sim_seconds" in m for m in metrics)
+    dp = any("epsilon" in m for m in metrics)
     rows = [[str(m["round"]), f"{m['loss']:.4f}", _pct(m.get("knn_acc")), str(m["clients"])]
             + [str(m.get(k, 0)) for k in faults]
+            + ([_epsilon(m.get("epsilon")), str(m.get("clipped", 0))] if dp else [])
             + ([human_seconds(m.get("sim_seconds", 0.0))] if clock else [])
             + [f"{m['images_per_s']:.0f}", human_bytes(m["bytes_up"]), human_bytes(m["bytes_down"])]
             + ([human_bytes(m.get("wire_up", 0)), human_bytes(m.get("wire_down", 0))] if wire else [])
             for m in metrics]
-    header = (["round", "loss", "kNN (monitor)", "clients"] + faults + (["simulated time"] if clock else [])
+    header = (["round", "loss", "kNN (monitor)", "clients"] + faults + (["epsilon", "clipped"] if dp else [])
+              + (["simulated time"] if clock else [])
               + ["images/s", "bytes up", "bytes down"]
               + (["up on the wire", "down on the wire"] if wire else []))
     return "## Rounds\n\n" + markdown_table(header, rows)
+
+
+def _epsilon(value: Any) -> str:
+    return "—" if value is None else ("∞" if math.isinf(value) else f"{value:.3g}")
+
+
+def privacy_section(privacy: dict[str, Any] | None) -> str:
+    """A DP run's settings and budget (``fedssl.privacy.accountant.privacy_summary``); "" without DP."""
+    if not privacy:
+        return ""
+    p = privacy
+    noise = ("no noise (clipping only): no privacy guarantee" if not p["noise_multiplier"] else
+             f"(epsilon, delta) = ({_epsilon(p['epsilon'])}, {p['delta']:g}) after {p['rounds']} rounds")
+    return ("## Privacy: client-level DP-FedAvg\n\n"
+            f"Each client's update clipped to L2 norm {p['clip_norm']:g}; Gaussian noise of std "
+            f"{p['noise_multiplier']:g} x {p['clip_norm']:g} on the sum over the {p['clients_per_round']} clients a "
+            f"round samples (of {p['clients']}), averaged uniformly. {noise}; accountant: {p['accountant']}. "
+            "The guarantee covers the released models, not the clients' reported metrics (loss, sample count)"
+            + (", and the noise is derived from the config's seed (reproducible_noise)" if p["reproducible_noise"]
+               else "") + ".\n")
 
 
 def histogram_section(histogram: np.ndarray, profiles: tuple[str, ...] = ()) -> str:
@@ -243,7 +266,8 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
 
 
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
-                  ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None) -> str:
+                  ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None,
+                  privacy: dict[str, Any] | None = None) -> str:
     from fedssl.methods import METHODS  # here: the registry imports every method
 
     head = (f"# fedssl run: {cfg.method} on {cfg.dataset}\n\n"
@@ -259,20 +283,20 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
     cost = client_cost(ledger)
     fleet = fleet_of(cfg, len(histogram))
     fleet_text = "" if fleet is None else devices_section(fleet_summary(ledger.rows, fleet, metrics), metrics, initial)
-    return "\n".join([head, result_section(initial, final), cost_section(cost),
+    return "\n".join([head, result_section(initial, final), privacy_section(privacy), cost_section(cost),
                       reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost), fleet_text,
                       rounds_section(metrics), plots,
                       figures_section(METHODS[cfg.method].figures_title, figures or []),
                       histogram_section(histogram, fleet.names if fleet else ()), config])
 
 
-def write_report(outcome: RunOutcome, cfg: RunConfig) -> Path:
-    """report.md + plots for a finished run."""
+def write_report(outcome: RunOutcome, cfg: RunConfig, privacy: dict[str, Any] | None = None) -> Path:
+    """report.md + plots for a finished run (``privacy``: final.json's, for a DP run)."""
     write_plots(outcome.run.plots, outcome.metrics, outcome.histogram, outcome.initial)
     if cfg.devices.mix:
         write_time_plot(outcome.run.plots, outcome.metrics, outcome.initial)
     text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram,
-                         method_figures(outcome.run.figures))
+                         method_figures(outcome.run.figures), privacy)
     atomic_write_text(outcome.run.report, text)
     return outcome.run.report
 
@@ -286,8 +310,12 @@ def finish_run(outcome: RunOutcome, cfg: RunConfig) -> None:
     fleet = fleet_of(cfg, len(outcome.histogram))
     if fleet is not None:  # the clients' profiles, compute and energy; accuracy against time is in metrics.jsonl
         summary["devices"] = fleet_summary(outcome.ledger.rows, fleet, outcome.metrics)
+    if cfg.privacy.enabled:  # the DP settings and epsilon after the run's rounds
+        from fedssl.privacy.accountant import privacy_summary  # dp-accounting: imported by DP runs only
+
+        summary["privacy"] = privacy_summary(cfg, len(outcome.metrics))
     atomic_write_text(outcome.run.final, json.dumps(summary, indent=1, sort_keys=True))
-    write_report(outcome, cfg)
+    write_report(outcome, cfg, summary.get("privacy"))
 
 
 def regenerate_report(path: str | Path) -> Path:
@@ -298,4 +326,4 @@ def regenerate_report(path: str | Path) -> Path:
     final = json.loads(run.final.read_text())
     outcome = RunOutcome(run, read_jsonl(run.metrics), final["initial"], final["final"], Ledger.from_jsonl(run.ledger),
                          np.asarray(final["histogram"]))
-    return write_report(outcome, cfg)
+    return write_report(outcome, cfg, final.get("privacy"))

@@ -34,13 +34,14 @@ from fedssl.devices.clock import exchange_time, step_flops
 from fedssl.devices.fleet import Fleet, available, fleet_of
 from fedssl.engines.observer import Observer, note
 from fedssl.methods.base import ClientResult, FederatedMethod, Payload
+from fedssl.privacy.dp import clients_per_round
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
 from fedssl.training import derive_seed
 
 
 def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
     """The clients of a round: ceil(fraction * N), uniformly without replacement, seeded by round."""
-    k = max(1, int(np.ceil(cfg.sample_fraction * num_clients)))
+    k = clients_per_round(cfg.sample_fraction, num_clients)
     if k >= num_clients:
         return list(range(num_clients))
     rng = np.random.default_rng(derive_seed(cfg.seed, round_index, 0x5A))
@@ -152,7 +153,18 @@ def federated_round(method: FederatedMethod, cfg: RunConfig, round_index: int, n
         row.update(wire_up=counts["wire_up"], wire_down=counts["wire_down"])
     if fleet is not None:
         row.update(late=counts["late"], unavailable=counts["unavailable"])
+    if cfg.privacy.enabled:
+        row.update(privacy_columns(cfg, round_index, results))
     return row
+
+
+def privacy_columns(cfg: RunConfig, round_index: int, results: list[ClientResult]) -> dict[str, float]:
+    """A DP round's columns: ``epsilon`` (at ``privacy.delta``) after this round, and ``clipped``: the clients whose
+    update the clip bound scaled down (as they reported it: like the loss, a statistic outside the guarantee)."""
+    from fedssl.privacy.accountant import run_epsilon  # dp-accounting: imported by DP runs only
+
+    return {"epsilon": run_epsilon(cfg, round_index + 1),
+            "clipped": int(sum(r.metrics.get("clipped", 0) for r in results))}
 
 
 def is_late(fleet: Fleet | None, flops_per_image: float, reply: Reply, down: int) -> bool:

@@ -97,6 +97,8 @@ class Method(ABC):
     pooled_data: ClassVar[bool] = False  # True: one participant holds all data (the centralized ceiling)
     calibrates: ClassVar[bool] = False  # reads [calibration] and [alignment] (server calibration, alignment)
     default_model: ClassVar[Mapping[str, Any]] = {}  # [model] settings when a config sets no model.arch
+    # why [privacy] (client-level DP-FedAvg, fedssl.privacy.dp) does not apply to the method ("" = it does)
+    dp_refusal: ClassVar[str] = "exchanges no per-round client update that clipping could bound"
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -107,6 +109,10 @@ class Method(ABC):
         """The method's own rules on a config whose values are each in range (ConfigError naming key and fix)."""
         if not cls.pooled_data:
             check(2 <= cfg.clients <= 10_000, "clients", f"{cfg.clients} is out of range; use 2 to 10000 clients")
+        if cfg.privacy.enabled and cls.dp_refusal:
+            takers = ", ".join(private_methods())
+            check(False, "privacy.enabled", f"{cls.name} {cls.dp_refusal}; client-level DP is for the round-based "
+                  f"methods ({takers}); set it to false")
 
     @classmethod
     def aux_fraction(cls, cfg: RunConfig) -> float:
@@ -164,6 +170,16 @@ class Method(ABC):
 
         Whatever the server believed it held must be sent again when it next takes part.
         """
+
+
+def private_methods(root: type[Method] | None = None) -> list[str]:
+    """The names of the methods that take [privacy] (``dp_refusal`` empty), from the method classes defined."""
+    names: list[str] = []
+    for sub in (root or Method).__subclasses__():
+        if not sub.dp_refusal and "name" in vars(sub):
+            names.append(sub.name)
+        names += [n for n in private_methods(sub) if n not in names]
+    return names
 
 
 class FederatedMethod(Method):

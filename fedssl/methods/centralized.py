@@ -45,6 +45,7 @@ class Centralized(FederatedMethod):
 
     name = "centralized"
     pooled_data = True
+    dp_refusal = "trains one participant's pooled data: there is no client whose update DP-FedAvg could protect"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

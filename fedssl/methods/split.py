@@ -98,6 +98,9 @@ class SplitMethod(Method):
     forward); every client starts with the seeded initial client-net, which is the server's too.
     """
 
+    dp_refusal = ("sends activations and receives gradients every step (split learning), which DP-FedAvg's per-round "
+                  "clipping of one model update does not bound")
+
     split: SplitConfig  # the split settings in force
     num_clients: int
     clients: SplitClients

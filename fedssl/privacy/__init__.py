@@ -1,0 +1,3 @@
+"""Privacy of the clients' data: what a run guarantees (``dp``, ``accountant``: client-level differential privacy of
+the round-based methods). Nothing is imported here: each module is imported where it is used (the accountant's
+library is slow to import and only DP runs need it)."""
