@@ -211,6 +211,11 @@ def _validate_privacy(cfg: RunConfig) -> None:
     _check(math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0, "privacy.noise_multiplier",
            f"{p.noise_multiplier} must be a finite number >= 0 (noise std / clip_norm; 0 = clipping only), e.g. 1.0")
     _check(0 < p.delta < 1, "privacy.delta", f"{p.delta} must be in (0, 1), and below 1 / clients, e.g. 1e-5")
+    # SecAgg+ hands the server one sample-weighted mean of the changes; DP-FedAvg's bound needs the uniform sum of
+    # clipped updates plus noise at the server: the two do not compose in this loop (README "Privacy")
+    _check(not (p.enabled and cfg.flower.secagg), "privacy.enabled",
+           "DP-FedAvg and flower.secagg cannot be combined yet (SecAgg+ returns a sample-weighted mean, DP needs the "
+           "uniform sum of clipped updates); set one of them to false")
 
 
 # ---------------------------------------------------------------- building (parsing and writing: fedssl.config_io)

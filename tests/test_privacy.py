@@ -118,6 +118,7 @@ def test_the_accountant_agrees_with_flowers_and_behaves() -> None:
     (["privacy.enabled=true", "method=mocosfl"], "split learning"),
     (["privacy.enabled=true", "method=centralized"], "pooled data"),
     (["privacy.enabled=true", "model.norm=batch"], "model.norm"),
+    (["privacy.enabled=true", "flower.secagg=true"], "cannot be combined"),
 ])
 def test_bad_privacy_settings_get_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                       setting: list[str], fragment: str) -> None:
