@@ -22,9 +22,10 @@ from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_
                               to_dict)
 from fedssl.config_io import check as _check
 from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
-                                 EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
+                                 EvalConfig, FlowerConfig, InversionConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
                                  SplitConfig, SSLConfig)
 from fedssl.devices.profiles import validate_devices
+from fedssl.errors import ConfigError
 
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
@@ -232,3 +233,15 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def validate_inversion(inv: InversionConfig) -> InversionConfig:
+    """The attack's settings (``fedssl attack`` flags) in range, or one ConfigError naming the flag; the cuts
+    against the architecture are checked where the encoder is known (``fedssl.privacy.inversion``)."""
+    if not inv.cuts or any(c < 1 for c in inv.cuts):
+        raise ConfigError(f"--cuts {' '.join(map(str, inv.cuts))}: give one or more cuts >= 1, e.g. --cuts 1 2 3")
+    for name in ("steps", "images", "shown", "batch_size", "hidden"):
+        if getattr(inv, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(inv, name)} must be >= 1, "
+                              f"e.g. --{name.replace('_', '-')} {getattr(InversionConfig, name)}")
+    if not (inv.lr > 0 and 0 < inv.aux_share < 1):
+        raise ConfigError(f"the attack needs lr > 0 and 0 < aux_share < 1 (got {inv.lr}, {inv.aux_share})")
+    return inv
