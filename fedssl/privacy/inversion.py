@@ -121,7 +121,7 @@ class ClientNet(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) in [0, 1] -> (N, C', h, w)
-        return self.layers(self.normalize(x)).contiguous()
+        return self.layers(self.normalize(x))
 
 
 def train_decoder(client: ClientNet, aux: Tensor, inv: InversionConfig, seed: int,
