@@ -293,9 +293,9 @@ def _add_attack_command(sub: argparse._SubParsersAction) -> None:
     default = InversionConfig()
     att = sub.add_parser("attack", help="invert a split run's cut-layer activations: what its server can see",
                          description="Train a decoder from the client layers' activations back to images on the "
-                                     "server's own images (the first half of the test split), decode the clients' "
-                                     "training images, score PSNR / SSIM per cut; writes inversion.json, "
-                                     "inversion.png and the report's section.")
+                                     f"server's own images (the first {default.aux_share:.0%} of the test split), "
+                                     "decode the clients' training images, score PSNR / SSIM per cut; writes "
+                                     "inversion.json, inversion.png and the report's section.")
     att.add_argument("run_dir")
     att.add_argument("--cuts", type=int, nargs="+",
                      help=f"client-side depths to attack (default {' '.join(map(str, default.cuts))})")
