@@ -56,6 +56,7 @@ from fedssl.run_dir import open_run_dir
 
 RESULT_FILE = "inversion.json"
 FIGURE_FILE = "inversion.png"
+SSIM_WINDOW = 11  # torchmetrics' default Gaussian window: images need at least this side
 
 
 # ------------------------------------------------------------------ checks
@@ -249,6 +250,9 @@ def attack_run(path: str | Path, inv: InversionConfig | None = None) -> dict[str
     with torch_threads(cfg.threads):
         trained, _, side = restore_final_encoder(run.path)
         check_cuts(trained, inv.cuts)
+        if side < SSIM_WINDOW:
+            raise FedSSLError(f"{side}x{side} images are smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window; "
+                              f"attack a run with image_size >= {SSIM_WINDOW}")
         device = resolve_device(cfg.device)
         fed = load_federation(cfg, pooled=False)
         result, shown = attack_encoders(cfg, trained, fed, side, inv, device)
