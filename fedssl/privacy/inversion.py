@@ -29,6 +29,7 @@ The client's peak training memory at each cut is a real measured MocoSFL client 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, replace
@@ -113,8 +114,6 @@ class ClientNet(nn.Module):
 
     def __init__(self, encoder: Encoder, cut: int, normalize: Normalize) -> None:
         super().__init__()
-        import copy
-
         self.normalize = normalize
         self.layers = nn.Sequential(*copy.deepcopy(list(encoder.layers[:cut])))
         self.requires_grad_(False)
