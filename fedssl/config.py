@@ -22,8 +22,8 @@ from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_
                               to_dict)
 from fedssl.config_io import check as _check
 from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
-                                 EvalConfig, FlowerConfig, InversionConfig, LayerwiseConfig, MAEConfig, ModelConfig, RunConfig,
-                                 SplitConfig, SSLConfig)
+                                 EvalConfig, FlowerConfig, InversionConfig, LayerwiseConfig, MAEConfig, ModelConfig,
+                                 RunConfig, SplitConfig, SSLConfig)
 from fedssl.devices.profiles import validate_devices
 from fedssl.errors import ConfigError
 
@@ -240,8 +240,8 @@ def validate_inversion(inv: InversionConfig) -> InversionConfig:
         raise ConfigError(f"--cuts {' '.join(map(str, inv.cuts))}: give one or more cuts >= 1, e.g. --cuts 1 2 3")
     for name in ("steps", "images", "shown", "batch_size", "hidden"):
         if getattr(inv, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(inv, name)} must be >= 1, "
-                              f"e.g. --{name.replace('_', '-')} {getattr(InversionConfig, name)}")
+            label = f"--{name}" if name in ("steps", "images") else f"InversionConfig.{name}"  # the CLI's flags
+            raise ConfigError(f"{label} = {getattr(inv, name)} must be >= 1, e.g. {getattr(InversionConfig, name)}")
     if not (inv.lr > 0 and 0 < inv.aux_share < 1):
         raise ConfigError(f"the attack needs lr > 0 and 0 < aux_share < 1 (got {inv.lr}, {inv.aux_share})")
     return inv
