@@ -82,13 +82,15 @@ def describe_run(run: Path) -> str:
             f"seed {cfg.seed}" + ("" if knn is None else f"; its final encoder's kNN accuracy {100 * knn:.2f}%"))
 
 
-def write_results(result: dict[str, Any], run: Path, command: str) -> Path:
+def write_results(result: dict[str, Any], run: Path, command: str, load: float) -> Path:
     """benchmarks/results/inversion.md + inversion.png."""
     atomic_write_bytes(RESULTS / FIGURE_FILE, (run / FIGURE_FILE).read_bytes())
     settings, floor = result["settings"], result["floor"]
     text = (f"# What a split server can see: the inversion attack on MocoSFL\n\n"
             f"{datetime.date.today().isoformat()}, {platform.machine()} CPU, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch thread(s), code {result['code_version']}.\n\n"
+            f"{torch.get_num_threads()} torch thread(s), code {result['code_version']}; load average {load:.1f} "
+            "when it started" + (" (above the core count: other jobs shared the machine, the time is an upper "
+                                 "bound)" if load > (os.cpu_count() or 1) else "") + ".\n\n"
             f"    {command}\n\n"
             f"The run: `{run}` ({describe_run(run)}). For each cut the server takes the client layers of the FINAL encoder "
             f"(frozen), trains a decoder (`fedssl/privacy/decoder.py`, {settings['hidden']} channels) for "
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="client images scored (default: fedssl attack's)")
     args = parser.parse_args()
     console = Console()
+    load = os.getloadavg()[0]
     run = Path(args.run) if args.run else pretrain(Path(args.preset), args.data_dir, Path(args.runs), args.rounds,
                                                    console)
     given = {k: (tuple(v) if k == "cuts" else v) for k in ("cuts", "steps", "images")
@@ -121,7 +124,7 @@ def main() -> None:
     result = attack_run(run, replace(InversionConfig(), **given))
     console.print(markdown_table(HEADER, table_rows(result)))
     command = "python benchmarks/inversion.py " + shlex.join(sys.argv[1:])
-    console.print(f"wrote {write_results(result, run, command.strip())}")
+    console.print(f"wrote {write_results(result, run, command.strip(), load)}")
 
 
 if __name__ == "__main__":
