@@ -1,4 +1,4 @@
-"""The command line: ``fedssl run | eval | finetune | export | report | bench``.
+"""The command line: ``fedssl run | eval | finetune | export | report | attack | bench``.
 
 Every error a user can cause prints one line (``fedssl: error: ...``) that names
 the fix and exits with status 2.
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedssl.config import RunConfig, load_toml, make_config, method_rules
+from fedssl.config import InversionConfig, RunConfig, load_toml, make_config, method_rules
 from fedssl.errors import FedSSLError
 from fedssl.resources import human_bytes, human_flops
 
@@ -205,6 +205,30 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace, console: Console) -> int:
+    """``fedssl attack RUN_DIR``: the split inversion attack (``fedssl.privacy.inversion``); flags left out keep
+    ``InversionConfig``'s defaults."""
+    from dataclasses import replace
+
+    from fedssl.privacy.inversion import attack_run
+
+    given = {k: (tuple(v) if k == "cuts" else v) for k in ("cuts", "steps", "images")
+             if (v := getattr(args, k)) is not None}
+    console.print(f"[dim]inverting the cut-layer activations of {args.run_dir} ...[/dim]")
+    result = attack_run(args.run_dir, replace(InversionConfig(), **given))
+    table = Table(title=f"what a split server can see ({result['client_images']} client images; "
+                        f"floor {result['floor']['psnr']:.2f} dB)")
+    for name in ("cut", "client memory", "PSNR trained", "SSIM trained", "PSNR random init", "SSIM random init"):
+        table.add_column(name, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["cut"]), human_bytes(r["client_peak_training_bytes"]), f"{r['trained']['psnr']:.2f} dB",
+                      f"{r['trained']['ssim']:.3f}", f"{r['random_init']['psnr']:.2f} dB",
+                      f"{r['random_init']['ssim']:.3f}")
+    console.print(table)
+    console.print(f"wrote {Path(args.run_dir) / 'inversion.json'} and {Path(args.run_dir) / result['figure']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from fedssl.bench import run_compare, run_overhead_benchmark
 
@@ -264,6 +288,23 @@ def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=cmd_report)
 
 
+def _add_attack_command(sub: argparse._SubParsersAction) -> None:
+    """``fedssl attack RUN_DIR``: the split inversion attack on a finished split run."""
+    default = InversionConfig()
+    att = sub.add_parser("attack", help="invert a split run's cut-layer activations: what its server can see",
+                         description="Train a decoder from the client layers' activations back to images on the "
+                                     f"server's own images (the first {default.aux_share:.0%} of the test split), "
+                                     "decode the clients' training images, score PSNR / SSIM per cut; writes "
+                                     "inversion.json, inversion.png and the report's section.")
+    att.add_argument("run_dir")
+    att.add_argument("--cuts", type=int, nargs="+",
+                     help=f"client-side depths to attack (default {' '.join(map(str, default.cuts))})")
+    att.add_argument("--steps", type=int, help=f"decoder training steps per cut (default {default.steps})")
+    att.add_argument("--images", type=int,
+                     help=f"clients' training images reconstructed and scored (default {default.images})")
+    att.set_defaults(func=cmd_attack)
+
+
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     """``fedssl bench overhead | compare``."""
     bench = sub.add_parser("bench", help="benchmarks that print comparison tables")
@@ -295,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_command(sub)
     _add_run_dir_commands(sub)
+    _add_attack_command(sub)
     add_deploy_commands(sub)
     _add_bench_command(sub)
     return parser

@@ -23,10 +23,11 @@ from fedssl.config_io import (build, check, dumps_toml, load_toml, merge, parse_
                               to_dict)
 from fedssl.config_io import check as _check
 from fedssl.config_schema import (AlignmentConfig, CalibrationConfig, DeviceProfile, DevicesConfig,  # noqa: F401
-                                 EvalConfig, FlowerConfig, LayerwiseConfig, MAEConfig, ModelConfig, PrivacyConfig,
-                                 RunConfig, SplitConfig, SSLConfig)
+                                 EvalConfig, FlowerConfig, InversionConfig, LayerwiseConfig, MAEConfig, ModelConfig,
+                                 PrivacyConfig, RunConfig, SplitConfig, SSLConfig)
 from fedssl.config_schema import SECAGG_MAX_CLIENTS
 from fedssl.devices.profiles import validate_devices
+from fedssl.errors import ConfigError
 
 CASCADES = ("stagewise", "independent", "end-to-end")  # FedMAE: how the one-block MAEs become one encoder
 OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
@@ -258,3 +259,15 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def validate_inversion(inv: InversionConfig) -> InversionConfig:
+    """The attack's settings (``fedssl attack`` flags) in range, or one ConfigError naming the flag; the cuts
+    against the architecture are checked where the encoder is known (``fedssl.privacy.inversion``)."""
+    if not inv.cuts or any(c < 1 for c in inv.cuts):
+        raise ConfigError(f"--cuts {' '.join(map(str, inv.cuts))}: give one or more cuts >= 1, e.g. --cuts 1 2 3")
+    for name in ("steps", "images", "shown", "batch_size", "hidden"):
+        if getattr(inv, name) < 1:
+            label = f"--{name}" if name in ("steps", "images") else f"InversionConfig.{name}"  # the CLI's flags
+            raise ConfigError(f"{label} = {getattr(inv, name)} must be >= 1, e.g. {getattr(InversionConfig, name)}")
+    if not (inv.lr > 0 and 0 < inv.aux_share < 1):
+        raise ConfigError(f"the attack needs lr > 0 and 0 < aux_share < 1 (got {inv.lr}, {inv.aux_share})")
+    return inv

@@ -270,4 +270,23 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-__all__ = ["AlignmentConfig", "CalibrationConfig", "DeviceProfile", "DevicesConfig", "EvalConfig", "FlowerConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "PrivacyConfig", "RunConfig", "SSLConfig", "SplitConfig"]
+@dataclass(frozen=True)
+class InversionConfig:
+    """The split inversion attack (``fedssl attack RUN_DIR``): not part of a run's config, the attack's own settings.
+
+    For each cut the server trains a decoder from the frozen client layers' activations back to images on its
+    OWN auxiliary images (the first ``aux_share`` of the test split: never a client's training image), then
+    decodes the activations of ``images`` of the clients' training images (``fedssl.privacy.inversion``).
+    """
+
+    cuts: tuple[int, ...] = (1, 2, 3)  # the client-side depths attacked (each 1 <= cut < the encoder's layers)
+    steps: int = 300  # decoder training steps per cut (Adam), the same for every cut
+    images: int = 64  # clients' training images reconstructed and scored (round-robin over the clients)
+    shown: int = 8  # of them, in the picture (original row / reconstruction row per cut)
+    batch_size: int = 32  # auxiliary images per decoder step
+    lr: float = 1e-3  # Adam learning rate of the decoder
+    hidden: int = 32  # channels of the decoder's convolutions (the attack's CPU cost grows with its square)
+    aux_share: float = 0.5  # the first share of the test split that is the server's auxiliary set
+
+
+__all__ = ["AlignmentConfig", "CalibrationConfig", "DeviceProfile", "DevicesConfig", "EvalConfig", "FlowerConfig", "InversionConfig", "LayerwiseConfig", "MAEConfig", "ModelConfig", "PrivacyConfig", "RunConfig", "SSLConfig", "SplitConfig"]

@@ -160,6 +160,38 @@ def reference_section(name: str, ledger: Ledger, cost: ClientCost | None) -> str
             f"way) times the {participations:.1f} rounds a client took part in.\n\n" + table)
 
 
+INVERSION_FILE = "inversion.json"  # written by ``fedssl attack`` (fedssl.privacy.inversion)
+
+
+def _scores(value: dict[str, float]) -> list[str]:
+    return [f"{value['psnr']:.2f} dB", f"{value['ssim']:.3f}"]
+
+
+def inversion_section(folder: Path) -> str:
+    """The section "What a split server can see": the inversion attack's table and picture ("" until
+    ``fedssl attack`` has run on this folder)."""
+    file = folder / INVERSION_FILE
+    if not file.is_file():
+        return ""
+    result = json.loads(file.read_text())
+    settings = result["settings"]
+    rows = [[f"{r['cut']}" + (" (this run)" if r["cut"] == result["run_cut"] else ""),
+             human_bytes(r["client_peak_training_bytes"]), "x".join(map(str, r["activation_shape"])),
+             *_scores(r["trained"]), *_scores(r["random_init"])] for r in result["rows"]]
+    floor = result["floor"]
+    return ("## What a split server can see\n\n"
+            f"`fedssl attack`: for each cut the server takes the client layers of the final encoder (frozen, as it "
+            f"holds them after a sync), trains a decoder from their activations back to images on its OWN images "
+            f"({result['aux']}, never a client's) for {settings['steps']} steps, then decodes the activations of "
+            f"{result['client_images']} of the clients' training images. PSNR and SSIM against the originals (mean "
+            "per image, pixels in [0, 1], torchmetrics): higher = more of the image reaches the server. Floor, "
+            f"using no activation (the auxiliary set's mean image): {floor['psnr']:.2f} dB, SSIM "
+            f"{floor['ssim']:.3f}.\n\n"
+            + markdown_table(["cut", "client peak training memory (measured)", "activation sent (C x H x W)",
+                              "PSNR, trained", "SSIM, trained", "PSNR, random init", "SSIM, random init"], rows)
+            + f"\n![inversion]({result['figure']})\n")
+
+
 def figures_section(title: str, figures: list[str]) -> str:
     """The method's own figures (``Method.write_round_figures``), paths relative to the report."""
     if not figures:
@@ -267,7 +299,7 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
 
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
                   ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None,
-                  privacy: dict[str, Any] | None = None) -> str:
+                  privacy: dict[str, Any] | None = None, attack: str = "") -> str:
     from fedssl.methods import METHODS  # here: the registry imports every method
 
     head = (f"# fedssl run: {cfg.method} on {cfg.dataset}\n\n"
@@ -284,7 +316,7 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
     fleet = fleet_of(cfg, len(histogram))
     fleet_text = "" if fleet is None else devices_section(fleet_summary(ledger.rows, fleet, metrics), metrics, initial)
     return "\n".join([head, result_section(initial, final), privacy_section(privacy), cost_section(cost),
-                      reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost), fleet_text,
+                      reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost), attack, fleet_text,
                       rounds_section(metrics), plots,
                       figures_section(METHODS[cfg.method].figures_title, figures or []),
                       histogram_section(histogram, fleet.names if fleet else ()), config])
@@ -296,7 +328,7 @@ def write_report(outcome: RunOutcome, cfg: RunConfig, privacy: dict[str, Any] | 
     if cfg.devices.mix:
         write_time_plot(outcome.run.plots, outcome.metrics, outcome.initial)
     text = render_report(cfg, outcome.metrics, outcome.initial, outcome.final, outcome.ledger, outcome.histogram,
-                         method_figures(outcome.run.figures), privacy)
+                         method_figures(outcome.run.figures), privacy, inversion_section(outcome.run.path))
     atomic_write_text(outcome.run.report, text)
     return outcome.run.report
 
