@@ -69,8 +69,9 @@ def _alive_nodes(address: str) -> list[dict[str, Any]]:
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise FedSSLError(f"the Ray cluster at flower.ray_address = {address} refused this driver ({err}); run the "
-                          f"same Ray ({ray.__version__}) and Python on every node") from None
+        raise FedSSLError(f"the Ray cluster at flower.ray_address = {address} refused this driver ({err}); run "
+                          f"fedssl on a node of that cluster, with the same Python and Ray ({ray.__version__}) as its "
+                          "other nodes") from None
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
     finally:
