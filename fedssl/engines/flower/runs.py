@@ -6,7 +6,7 @@ evaluation, checkpoints, the run directory, the report) with a
 ordinary run directory (``fedssl eval / export / report`` read it) plus:
 
 - ``engine.json``: which engine and runtime made it (``fedssl run --resume`` continues
-  it on the same one);
+  it on the same one), and the Ray cluster a simulation ran on (``flower.ray_address``);
 - ``flower.log``: the server's log: which node holds which client and where it read its
   data, every failed or rejected client with the reason, Flower's own messages.
 """
