@@ -34,6 +34,7 @@ OBJECTIVES = ("mocov2", "mocov3", "simclr", "byol")
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological", "shards")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(?::(\d+))?")  # engines.local.resolve_device: is it on this machine
+RAY_ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[1-9]\d{0,4})")  # flower.ray_address
 
 
 # ---------------------------------------------------------------- validation
@@ -166,6 +167,15 @@ def _validate_flower(cfg: RunConfig) -> None:
     _check(fl.round_timeout > 0, "flower.round_timeout", "must be > 0 seconds")
     _check(fl.connect_timeout > 0, "flower.connect_timeout", "must be > 0 seconds")
     _check(fl.client_cpus > 0, "flower.client_cpus", "must be > 0 (CPU cores per simulated ClientApp)")
+    gpus = fl.client_gpus
+    _check(0 <= gpus <= 1 or (gpus > 1 and float(gpus).is_integer()), "flower.client_gpus",
+           f"{gpus} must be a share of one GPU in [0, 1] (0.5 = two ClientApps per GPU) or a whole number")
+    _check(not fl.ray_address.startswith("ray://"), "flower.ray_address", "ray:// is Ray Client, which Flower's "
+           "simulation does not use; give the head's address HOST:PORT (the one `ray start --head` prints)")
+    address = RAY_ADDRESS.fullmatch(fl.ray_address)
+    _check(fl.ray_address == "" or (address is not None and int(address["port"]) <= 65535), "flower.ray_address",
+           f"{fl.ray_address!r}: use \"\" (Flower starts Ray here) or the head of a Ray cluster as HOST:PORT, "
+           "e.g. 10.0.0.5:6379")
     _check(0 < fl.secagg_shares <= 1, "flower.secagg_shares", f"{fl.secagg_shares} must be in (0, 1] (1 = all)")
     _check(0 < fl.secagg_threshold <= 1, "flower.secagg_threshold", f"{fl.secagg_threshold} must be in (0, 1]")
     _check(fl.secagg_clip > 0, "flower.secagg_clip", "must be > 0 (the largest change of a value in one round)")
@@ -256,6 +266,8 @@ def config_hash(cfg: RunConfig) -> str:
         del values["devices"]
     if cfg.privacy == PrivacyConfig():  # likewise for runs from before [privacy]
         del values["privacy"]
+    for where in ("client_gpus", "ray_address"):  # where it ran, not what it computed: resumable on another cluster
+        del values["flower"][where]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

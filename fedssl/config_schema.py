@@ -166,6 +166,13 @@ class FlowerConfig:
     secagg_shares: float = 1.0  # share of a round's clients each client secret-shares its keys with (Flower's num_shares)
     secagg_threshold: float = 0.5  # share of those shares that rebuilds a key: higher = safer, fewer drop-outs survived
     secagg_clip: float = 8.0  # a value's change in one round is clipped to +-this, then quantised to SECAGG_LEVELS steps
+    # simulation with device = "cuda": the share of a GPU Ray reserves per ClientApp (0.5 = two per GPU; > 1: a
+    # whole number of GPUs); Ray hides the GPUs from a ClientApp that reserves none. Ignored with device = "cpu".
+    client_gpus: float = 0.5
+    # simulation: "" = Flower starts Ray on this machine; "HOST:PORT" = the head of a running Ray cluster
+    # (`ray start --head --port=PORT`, workers `ray start --address=HOST:PORT`): the ClientApps run on its nodes.
+    # Where a run ran, not what it computes: neither this nor client_gpus is in the config's hash.
+    ray_address: str = ""
 
 
 SECAGG_LEVELS = 2**22  # SecAgg+ quantisation: [-secagg_clip, secagg_clip] -> integers 0..2**22 (Flower's default)

@@ -6,7 +6,7 @@ evaluation, checkpoints, the run directory, the report) with a
 ordinary run directory (``fedssl eval / export / report`` read it) plus:
 
 - ``engine.json``: which engine and runtime made it (``fedssl run --resume`` continues
-  it on the same one);
+  it on the same one), and the Ray cluster a simulation ran on (``flower.ray_address``);
 - ``flower.log``: the server's log: which node holds which client and where it read its
   data, every failed or rejected client with the reason, Flower's own messages.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from fedssl.config import RunConfig, load_toml, make_config
 from fedssl.devices.fleet import BudgetError
 from fedssl.engines.federation import Federation, load_federation, resolve_device
+from fedssl.engines.flower.cluster import cluster_nodes, describe, silence_gpu_notice, simulation_backend
 from fedssl.engines.flower.server import FlowerRunner, check_flower_config, num_partitions
 from fedssl.engines.local import SCORING
 from fedssl.engines.loop import execute
@@ -41,9 +41,13 @@ APP_ROOT = Path(__file__).resolve().parents[3]  # the Flower app's folder (pypro
 log = logging.getLogger("fedssl")
 
 
-def write_engine(run: RunDir, runtime: str) -> None:
-    """Record in the run directory that Flower runs it, and how (``simulation`` or ``deployment``)."""
-    atomic_write_text(run.path / ENGINE_FILE, json.dumps({"engine": "flower", "runtime": runtime}) + "\n")
+def write_engine(run: RunDir, runtime: str, cluster: Mapping[str, Any] | None = None) -> None:
+    """Record in the run directory that Flower runs it, how (``simulation`` or ``deployment``), and on which Ray
+    cluster (``ray``: its address and nodes; absent: a Ray instance Flower started on this machine)."""
+    record: dict[str, Any] = {"engine": "flower", "runtime": runtime}
+    if cluster:
+        record["ray"] = dict(cluster)
+    atomic_write_text(run.path / ENGINE_FILE, json.dumps(record) + "\n")
 
 
 @contextlib.contextmanager
@@ -89,30 +93,27 @@ def start_simulation(cfg: RunConfig, path: str | Path, *, observer: Observer) ->
     check_flower_config(cfg)
     ensure_new_run_dir(path)
     resolve_device(cfg.device)
-    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)  # before the run directory exists
+    cluster = cluster_nodes(cfg)  # like the data, checked before the run directory exists
+    fed = load_federation(cfg, pooled=METHODS[cfg.method].pooled_data)
     run = create_run_dir(path, cfg)
-    write_engine(run, "simulation")
+    write_engine(run, "simulation", cluster)
     try:
-        return simulate(cfg, run, observer=observer, fed=fed)
+        return simulate(cfg, run, observer=observer, fed=fed, cluster=cluster)
     except BudgetError:
         discard_unstarted(run, also=(ENGINE_FILE, LOG_FILE))  # refused before training, as in-process: no run directory
         raise
 
 
 def resume_simulation(path: str | Path, *, observer: Observer) -> RunOutcome:
+    """Continue a simulation run; ``engine.json`` then names the cluster it continues on (which may be another)."""
     run, cfg = open_run_dir(path)
-    return simulate(cfg, run, observer=observer)
+    cluster = cluster_nodes(cfg)
+    write_engine(run, "simulation", cluster)
+    return simulate(cfg, run, observer=observer, cluster=cluster)
 
 
-def simulation_backend(cfg: RunConfig) -> dict[str, Any]:
-    """Ray's resources: ``flower.client_cpus`` cores per ClientApp (at most the machine's)."""
-    cpus = os.cpu_count() or 1
-    gpus = 0.0 if cfg.device == "cpu" else 0.5
-    return {"client_resources": {"num_cpus": min(cfg.flower.client_cpus, cpus), "num_gpus": gpus},
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False}}
-
-
-def simulate(cfg: RunConfig, run: RunDir, *, observer: Observer, fed: Federation | None = None) -> RunOutcome:
+def simulate(cfg: RunConfig, run: RunDir, *, observer: Observer, fed: Federation | None = None,
+             cluster: Mapping[str, Any] | None = None) -> RunOutcome:
     """Run (or continue) ``run`` with Flower's simulation runtime; the ServerApp runs in this process."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -130,8 +131,9 @@ def simulate(cfg: RunConfig, run: RunDir, *, observer: Observer, fed: Federation
         except FedSSLError as error:  # e.g. a memory budget: the user's one line, not Flower's log of a crash
             done["error"] = error
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray notice about GPUs
+    silence_gpu_notice()
     with run_log(run):
+        log.info(describe(dict(cluster or {})))
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_partitions(cfg),
                        backend_config=simulation_backend(cfg))  # type: ignore[arg-type]
     if "error" in done:
