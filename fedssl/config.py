@@ -268,6 +268,9 @@ def config_hash(cfg: RunConfig) -> str:
         del values["privacy"]
     for where in ("client_gpus", "ray_address"):  # where it ran, not what it computed: resumable on another cluster
         del values["flower"][where]
+    if not cfg.flower.secagg:  # SecAgg+ off (the default): its settings compute nothing; runs from before it resume
+        for key in [k for k in values["flower"] if k.startswith("secagg")]:
+            del values["flower"][key]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
