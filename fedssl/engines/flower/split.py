@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from torch import Tensor
 
 from fedssl.config import RunConfig
-from fedssl.engines.flower import node
+from fedssl.engines.flower import node, timing
 from fedssl.engines.flower.link import Link, Request, Response
 from fedssl.engines.flower.messages import (AVERAGE, BACKWARD, FORWARD, RESULT, SYNC, TASK, content, from_record,
                                            metrics_record, to_record)
@@ -139,8 +139,10 @@ def _task(message_content: RecordDict, setup: node.NodeSetup) -> tuple[StepTask,
 def _role(cfg: RunConfig, setup: node.NodeSetup, context: Context) -> tuple[SplitClients, int]:
     """The node's role with this client's state from ``context.state`` (the seeded start if it holds none)."""
     clients, initial = _node_clients(cfg, setup)
+    timing.mark("build")
     saved = node.held(context, STATE)
     clients.load_state_dict(_stacked(saved or initial))
+    timing.mark("deserialise")  # the client's state out of context.state
     record = context.state.config_records.get(VERSION)
     return clients, (int(record["version"]) if record is not None else 0)
 
@@ -161,6 +163,7 @@ def client_forward(cfg: RunConfig, setup: node.NodeSetup, message_content: Recor
         raise FedSSLError(f"this client holds client-nets of version {held}, the server's are version {version} "
                           "(its state was lost); the server re-sends them")
     activations = clients.forward(task)
+    timing.mark("compute")
     _keep(context, clients, held)
     return content(**{ACTIVATIONS: to_record({k: v[0] for k, v in activations.items()})})
 
@@ -173,6 +176,7 @@ def client_backward(cfg: RunConfig, setup: node.NodeSetup, message_content: Reco
     if held != version:
         raise FedSSLError(f"a backward for client-nets of version {version} on a client holding version {held}")
     clients.backward(task, {k: v.unsqueeze(0) for k, v in from_record(message_content[GRADIENT]).items()})
+    timing.mark("compute")
     _keep(context, clients, held)
     return content(**{RESULT: metrics_record({"steps": 1})})
 
