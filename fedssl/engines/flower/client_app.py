@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedssl.engines.flower import node, split, timing
-from fedssl.engines.flower.messages import NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record, to_record
+from fedssl.engines.flower.messages import (NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record,
+                                           to_record)
 from fedssl.errors import FedSSLError
 
 app = ClientApp()

@@ -299,12 +299,13 @@ def cmd_deploy(args: argparse.Namespace, console: object) -> int:
         _exec(superlink_command(host=args.host, port=args.port, certs=args.certs, auth=args.auth,
                                 database=args.database))
     elif args.step == "supernode":
+        command = supernode_command(superlink=args.superlink, partition_id=args.partition_id,
+                                    num_partitions=args.num_partitions, data_dir=args.data_dir, port=args.port,
+                                    certs=args.certs, key=args.key, node_config=args.node_config,
+                                    per_message=args.clientapp_per_message, fleet_poll=args.fleet_poll)
         check_partition_dir(args.data_dir, args.partition_id, args.num_partitions)
         check_reachable(args.superlink)
-        _exec(supernode_command(superlink=args.superlink, partition_id=args.partition_id,
-                                num_partitions=args.num_partitions, data_dir=args.data_dir, port=args.port,
-                                certs=args.certs, key=args.key, node_config=args.node_config,
-                                per_message=args.clientapp_per_message, fleet_poll=args.fleet_poll))
+        _exec(command)
     else:
         path = write_federation(args.name, args.superlink, certs=args.certs)
         say(f"wrote the connection {args.name!r} to {path}; run with: flwr run . {args.name}")

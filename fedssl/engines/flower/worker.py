@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll", type=float, default=TASK_POLL_SECONDS, help="seconds between two asks for a task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     import fedssl.engines.flower.client_app  # noqa: F401 (torch, the methods, the app: once, before any message)
