@@ -154,7 +154,7 @@ def deployment(cfg_overrides: list[str], clients: int, tls: bool, work: Path, va
         begin, cpu0 = time.monotonic(), _cpu_seconds()
         subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "bench", "--run-config",
                         f"config='configs/cifar10/fedmoco.toml' set='{settings}' out=\"{out}\""],
-                       env=env, check=True, capture_output=True, timeout=120)
+                       env=env, check=True, capture_output=True, timeout=300)
         _wait(lambda: (out / "final.json").is_file(), 900, "the deployed run")
         seconds, cpu = time.monotonic() - begin, _cpu_seconds() - cpu0
         u2, d2 = proxy.totals()

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import time
 
-IMPORT_START = time.time()  # before the imports below (torch, the methods): most of a fresh process's start
-
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+import fedssl
 from fedssl.engines.flower import node, split, timing
 from fedssl.engines.flower.messages import (NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record,
                                            to_record)
 from fedssl.errors import FedSSLError
 
 app = ClientApp()
-timing.imports_took(IMPORT_START, time.time())
+timing.imports_took(fedssl.IMPORT_STARTED, time.time())  # fedssl, torch, the methods: a fresh process's imports
 
 
 def _setup(message: Message, context: Context):  # -> (RunConfig, NodeSetup)
