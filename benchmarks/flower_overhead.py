@@ -1,15 +1,18 @@
-"""What Flower's deployment runtime costs per message, measured on this machine.
+"""What Flower's deployment runtime costs per message, and where a message's seconds go, on this machine.
 
-    python benchmarks/flower_overhead.py [--clients 2] [--rounds 3] [--tls]
+    python benchmarks/flower_overhead.py [--clients 2] [--rounds 3] [--tls] [--variants flower,polling,worker]
 
 Runs the demo model (FedMoCo, ResNet-10 width 16, synthetic images: the payload depends on
-the model only) for a few rounds of one local step, three ways: in-process, Flower's
-simulation runtime, and a real deployment on this machine (a SuperLink and one SuperNode
-per client as separate processes, ``flwr run .``). The SuperNodes reach the SuperLink
-through a counting TCP proxy, so the bytes of the Fleet API on the socket (HTTP, TLS with
-``--tls``, the nodes' polling) are measured, not estimated. Prints per message: the payload
-bytes (the ledger), the Flower message (serialised objects, the ledger's ``wire_bytes``), the
-socket bytes, and the seconds per round on each engine.
+the model only) for a few rounds of one local step: in-process, in Flower's simulation runtime,
+and in real deployments on this machine (a SuperLink and one SuperNode per client as separate
+processes, ``flwr run .``), one per variant: ``flower`` (Flower's stock SuperNode: a
+``flwr-clientapp`` process per message, its 3 s / 0.5 s waits), ``polling`` (those waits capped)
+and ``worker`` (capped, and the node's long-lived worker: ``fedssl deploy supernode``'s default).
+The SuperNodes reach the SuperLink through a counting TCP proxy, so the bytes of the Fleet API on
+the socket (HTTP, TLS with ``--tls``, the nodes' polling) are measured, not estimated. Every
+process writes its phase timestamps to ``FEDSSL_FLOWER_TRACE`` (``fedssl.engines.flower.timing``);
+prints the bytes per message, where a train message's seconds go per variant, and the seconds per
+round on each engine.
 """
 
 from __future__ import annotations
