@@ -1,7 +1,9 @@
 """fedssl: federated self-supervised pre-training of vision encoders for weak clients."""
 
 import os
+import time
 
+IMPORT_STARTED = time.time()  # when this process began importing fedssl (a fresh ClientApp's import time)
 __version__ = "0.1.0"
 
 # oneDNN's AVX-512 kernel for the backward pass of a 1x1 convolution (a ResNet's projection shortcut) corrupts

@@ -297,6 +297,23 @@ def write_plots(plots: Path, metrics: list[dict[str, Any]], histogram: np.ndarra
     atomic_savefig(fig, plots / "clients.png")
 
 
+def step_time_section(metrics: list[dict[str, Any]]) -> str:
+    """A split method on Flower: each round's measured seconds per step and where they go ("" otherwise)."""
+    rows = [m for m in metrics if "step_seconds" in m]
+    if not rows:
+        return ""
+    table = [[str(m["round"]), str(m["steps"])]
+             + [f"{m[k]:.3f}" for k in ("step_seconds", "forward_seconds", "backward_seconds", "client_seconds")]
+             + [f"{m['step_seconds'] - m['forward_seconds'] - m['backward_seconds']:.3f}", f"{m['sync_seconds']:.2f}"]
+             for m in rows]
+    header = ["round", "steps", "s / step", "forward exchange", "backward exchange", "  of which client compute",
+              "server step", "sync (s / round)"]
+    return ("## Seconds per step (measured)\n\nWall-clock seconds in the server, per step: the two exchanges "
+            "(push, the nodes' polling and compute, the replies), the slowest client's own compute in them (as its "
+            "node measured it), and the server's step (what the exchanges leave); the sync once per round.\n\n"
+            + markdown_table(header, table))
+
+
 def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[str, Any], final: dict[str, Any],
                   ledger: Ledger, histogram: np.ndarray, figures: list[str] | None = None,
                   privacy: dict[str, Any] | None = None, attack: str = "") -> str:
@@ -317,7 +334,7 @@ def render_report(cfg: RunConfig, metrics: list[dict[str, Any]], initial: dict[s
     fleet_text = "" if fleet is None else devices_section(fleet_summary(ledger.rows, fleet, metrics), metrics, initial)
     return "\n".join([head, result_section(initial, final), privacy_section(privacy), cost_section(cost),
                       reference_section(METHODS[cfg.method].reference_name(cfg), ledger, cost), attack, fleet_text,
-                      rounds_section(metrics), plots,
+                      rounds_section(metrics), step_time_section(metrics), plots,
                       figures_section(METHODS[cfg.method].figures_title, figures or []),
                       histogram_section(histogram, fleet.names if fleet else ()), config])
 

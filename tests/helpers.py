@@ -51,7 +51,8 @@ def tiny_args(*extra: str) -> list[str]:
 
 # ------------------------------------------------------------------ killed and resumed runs
 
-TIMING_KEYS = frozenset({"seconds", "images_per_s"})  # wall-clock figures: the only thing two runs may differ in
+TIMING_KEYS = frozenset({"seconds", "images_per_s", "step_seconds", "forward_seconds", "backward_seconds",
+                         "client_seconds", "sync_seconds"})  # wall-clock figures: all two runs may differ in
 MEASURED_KINDS = frozenset({STEP_COST, SERVER_STEP_COST, REFERENCE_STEP_COST})  # measured memory / time
 
 

@@ -5,7 +5,8 @@ config ``fault``), one is killed in the middle of round 2: the run finishes, the
 with SuperNode authentication: a node with an unregistered key is refused; a run over TLS completes with the
 in-process engine's metrics. Every process started here is stopped here (process group + descendants).
 
-In a deployment each message starts a new ``flwr-clientapp`` process (2-3 s of imports): tiny runs only.
+Each SuperNode runs its ClientApps in its long-lived worker (``fedssl deploy supernode``'s default); a killed
+SuperNode takes its worker with it (one process group).
 """
 
 from __future__ import annotations

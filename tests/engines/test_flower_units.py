@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, Context, Message, RecordDict
 
 from fedssl.aggregation import check_upload, weighted_average
 from fedssl.data.datasets import load_split
 from fedssl.data.partition import partition
 from fedssl.engines.flower import node
+from fedssl.engines.flower.deploy import supernode_command
 from fedssl.engines.flower.messages import content, from_record, to_record, wire_bytes
 from fedssl.engines.local import SilentObserver, load_federation
 from fedssl.engines.rounds import Reply, federated_round
+from fedssl.errors import FedSSLError
 from fedssl.methods.base import ClientResult, MethodContext, Payload
 from fedssl.methods.fedavg import FedMoCo
 from fedssl.methods.layerwise import LWFedSSL
@@ -50,6 +53,35 @@ def test_records_round_trip_exactly_and_weigh_what_they_hold() -> None:
     assert payload_bytes(payload) < size < payload_bytes(payload) + 4096  # tensors + npy headers + object headers
     twice = Message(content(a=to_record(payload), b=to_record(payload)), dst_node_id=1, message_type="train")
     assert wire_bytes(twice) < 1.2 * size  # Flower sends one copy of identical objects
+
+
+def test_a_payload_is_one_array_and_a_damaged_record_is_refused() -> None:
+    payload = {f"t{i}": torch.randn(4, 3) for i in range(50)} | {"flag": torch.tensor(True)}
+    record = to_record(payload)
+    assert len(record) == 2  # one Array of bytes + its index, however many tensors (Flower moves each Array apart)
+    assert from_record(to_record({})) == {}
+    data = record["data"].numpy()
+    record["data"] = Array(data[:-1].copy())
+    with pytest.raises(ValueError, match="ends before"):
+        from_record(record)
+
+
+def test_supernode_commands_and_the_fleet_polling_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supernode.start_client_internal as loop
+
+    from fedssl.engines.flower.supernode import cap_fleet_polling
+
+    where = {"superlink": "127.0.0.1:9", "partition_id": 0, "num_partitions": 2, "data_dir": tmp_path}
+    ours = supernode_command(**where)
+    assert ours[1:5] == ["-m", "fedssl.engines.flower.supernode", "--worker", "--fleet-poll"] and "--" in ours
+    assert supernode_command(**where, per_message=True, fleet_poll=None)[0].endswith("flower-supernode")
+    with pytest.raises(FedSSLError, match="fleet-poll"):
+        supernode_command(**where, fleet_poll=0)
+    monkeypatch.setattr(loop, "time", loop.time)  # put Flower's own back after the test
+    cap_fleet_polling(0.01)
+    began = time.perf_counter()
+    loop.time.sleep(3)  # Flower's wait when no message came
+    assert time.perf_counter() - began < 1 and loop.time.time() > 0
 
 
 def test_check_upload_names_what_is_wrong() -> None:

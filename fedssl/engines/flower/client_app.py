@@ -6,22 +6,30 @@ Each handler only converts: records -> payloads, calls the node's client role
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedssl.engines.flower import node, secagg, split
-from fedssl.engines.flower.messages import NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record, to_record
+import fedssl
+from fedssl.engines.flower import node, secagg, split, timing
+from fedssl.engines.flower.messages import (NODE, PAYLOAD, RESULT, TASK, UPLOAD, content, from_record, metrics_record,
+                                           to_record)
 from fedssl.errors import FedSSLError
 
 app = ClientApp()
+timing.imports_took(fedssl.IMPORT_STARTED, time.time())  # fedssl, torch, the methods: a fresh process's imports
 
 
 def _setup(message: Message, context: Context):  # -> (RunConfig, NodeSetup)
     setup = node.node_setup(context)
-    return node.node_run_config(node.run_config(message, context), setup), setup
+    cfg = node.node_run_config(node.run_config(message, context), setup)
+    timing.mark("config")
+    return cfg, setup
 
 
 @app.query("hello")
+@timing.traced
 def hello(message: Message, context: Context) -> Message:
     """Who this node is: its partition, how many images it holds and where it read them."""
     cfg, setup = _setup(message, context)
@@ -33,6 +41,7 @@ def hello(message: Message, context: Context) -> Message:
 
 
 @app.train(mods=[secagg.client_mod])  # under flower.secagg: Flower's SecAgg+ mod around the handler
+@timing.traced
 def train(message: Message, context: Context) -> Message:
     """A round of a round-based method: the download in, local training, the upload out."""
     cfg, setup = _setup(message, context)
@@ -44,15 +53,22 @@ def train(message: Message, context: Context) -> Message:
     role = node.client_role(cfg, data.info)
     held = node.held(context)
     role.kept = {client: held} if held else {}  # what this client kept from its earlier rounds
-    result = role.train(from_record(message.content[PAYLOAD]), data, round_index=round_index, client_id=client)
+    timing.mark("build")
+    download = from_record(message.content[PAYLOAD])
+    timing.mark("deserialise")
+    result = role.train(download, data, round_index=round_index, client_id=client)
+    timing.mark("compute")
     node.keep(context, role.kept.get(client))
     upload = node.corrupt(result.upload, setup.fault)
-    return Message(content(**{UPLOAD: to_record(upload),
-                              RESULT: metrics_record({"num-samples": result.num_samples, **result.metrics})}),
-                   reply_to=message)
+    reply = Message(content(**{UPLOAD: to_record(upload),
+                               RESULT: metrics_record({"num-samples": result.num_samples, **result.metrics})}),
+                    reply_to=message)
+    timing.mark("serialise")
+    return reply
 
 
 @app.train("forward")
+@timing.traced
 def forward(message: Message, context: Context) -> Message:
     """Split step, part 1: this client's activations at the cut."""
     cfg, setup = _setup(message, context)
@@ -60,6 +76,7 @@ def forward(message: Message, context: Context) -> Message:
 
 
 @app.train("backward")
+@timing.traced
 def backward(message: Message, context: Context) -> Message:
     """Split step, part 2: the server's gradient in; back-propagation and the client-net's update."""
     cfg, setup = _setup(message, context)
@@ -67,6 +84,7 @@ def backward(message: Message, context: Context) -> Message:
 
 
 @app.train("sync")
+@timing.traced
 def sync(message: Message, context: Context) -> Message:
     """Split round end: this client's nets go up to be averaged."""
     cfg, setup = _setup(message, context)
@@ -74,6 +92,7 @@ def sync(message: Message, context: Context) -> Message:
 
 
 @app.train("average")
+@timing.traced
 def average(message: Message, context: Context) -> Message:
     """Split round end: the average of the synced client-nets comes down."""
     cfg, setup = _setup(message, context)

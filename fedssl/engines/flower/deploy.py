@@ -38,6 +38,7 @@ SUPERNODE_KEY = "supernode-{}"  # private key; the public key is the same name +
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 SUPERLINK_PORT = 9093
 SUPERNODE_PORT = 9094  # a SuperNode's own port for its ClientApps (+ partition id, so that nodes can share a host)
+FLEET_POLL_SECONDS = 0.1  # a SuperNode's longest wait between two looks for messages (Flower 1.41's own: 3 s)
 
 
 # ------------------------------------------------------------------ credentials
@@ -173,18 +174,26 @@ def superlink_command(*, host: str = "0.0.0.0", port: int = SUPERLINK_PORT, cert
 
 def supernode_command(*, superlink: str, partition_id: int, num_partitions: int, data_dir: str | Path,
                       port: int | None = None, certs: str | Path | None = None, key: str | Path | None = None,
-                      node_config: str = "") -> list[str]:
-    """``flower-supernode`` for client ``partition_id``, reading only ``data_dir``."""
+                      node_config: str = "", per_message: bool = False,
+                      fleet_poll: float | None = FLEET_POLL_SECONDS) -> list[str]:
+    """The SuperNode of client ``partition_id``, reading only ``data_dir``: by default with the node's
+    long-lived worker and the Fleet polling capped at ``fleet_poll`` s (``fedssl.engines.flower.supernode``);
+    ``per_message=True, fleet_poll=None`` is Flower's own ``flower-supernode`` (a ClientApp process per message)."""
+    if fleet_poll is not None and not 0.01 <= fleet_poll <= 60:
+        raise FedSSLError(f"--fleet-poll {fleet_poll:g} is outside 0.01..60 s; 0.1 is the default, 3 Flower's own")
     conf = (f'partition-id={partition_id} num-partitions={num_partitions} '
             f'data-dir="{Path(data_dir).expanduser().resolve()}" {node_config}').strip()
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
-               "--port", str(port if port is not None else SUPERNODE_PORT + partition_id), "--node-config", conf,
-               *tls_args(certs, server=False)]
+    flower_args = ["--superlink", superlink, "--host", "127.0.0.1",
+                   "--port", str(port if port is not None else SUPERNODE_PORT + partition_id), "--node-config", conf,
+                   *tls_args(certs, server=False)]
     if key is not None:
         if certs is None:
             raise FedSSLError("SuperNode authentication needs TLS: pass --certs DIR with the federation's ca.crt")
-        command += ["--auth-supernode-private-key", str(Path(key).expanduser().resolve())]
-    return command
+        flower_args += ["--auth-supernode-private-key", str(Path(key).expanduser().resolve())]
+    if per_message and fleet_poll is None:
+        return [flower_bin("flower-supernode"), *flower_args]
+    ours = ([] if per_message else ["--worker"]) + ([] if fleet_poll is None else ["--fleet-poll", f"{fleet_poll:g}"])
+    return [sys.executable, "-m", "fedssl.engines.flower.supernode", *ours, "--", *flower_args]
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -259,6 +268,11 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--certs", help="credentials folder holding ca.crt: TLS on (default: --insecure)")
     node.add_argument("--key", help="this node's private key (authentication; its .pub must be registered)")
     node.add_argument("--node-config", default="", help="extra node config, e.g. 'device=\"cuda\"'")
+    node.add_argument("--fleet-poll", type=float, default=FLEET_POLL_SECONDS,
+                      help=f"longest wait between two looks for messages, s (default {FLEET_POLL_SECONDS:g}; "
+                           "Flower's own is 3)")
+    node.add_argument("--clientapp-per-message", action="store_true",
+                      help="Flower's default: a new flwr-clientapp process per message (no long-lived worker)")
 
     fed = steps.add_parser("federation", help="add a SuperLink connection to Flower's config ($FLWR_HOME/config.toml)")
     fed.add_argument("name", help="the name to use in flwr run . NAME")
@@ -285,11 +299,13 @@ def cmd_deploy(args: argparse.Namespace, console: object) -> int:
         _exec(superlink_command(host=args.host, port=args.port, certs=args.certs, auth=args.auth,
                                 database=args.database))
     elif args.step == "supernode":
+        command = supernode_command(superlink=args.superlink, partition_id=args.partition_id,
+                                    num_partitions=args.num_partitions, data_dir=args.data_dir, port=args.port,
+                                    certs=args.certs, key=args.key, node_config=args.node_config,
+                                    per_message=args.clientapp_per_message, fleet_poll=args.fleet_poll)
         check_partition_dir(args.data_dir, args.partition_id, args.num_partitions)
         check_reachable(args.superlink)
-        _exec(supernode_command(superlink=args.superlink, partition_id=args.partition_id,
-                                num_partitions=args.num_partitions, data_dir=args.data_dir, port=args.port,
-                                certs=args.certs, key=args.key, node_config=args.node_config))
+        _exec(command)
     else:
         path = write_federation(args.name, args.superlink, certs=args.certs)
         say(f"wrote the connection {args.name!r} to {path}; run with: flwr run . {args.name}")

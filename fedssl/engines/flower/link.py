@@ -19,6 +19,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedssl.config import RunConfig, config_hash, dumps_toml, to_dict
+from fedssl.engines.flower import timing
 from fedssl.engines.flower.messages import HELLO, NODE, content, wire_bytes
 from fedssl.engines.observer import Observer
 from fedssl.errors import FedSSLError
@@ -154,7 +155,9 @@ class Link:
         if not messages:
             return
         sizes = {node: wire_bytes(message) for node, message in messages}
+        began = time.time()
         ids = list(self.grid.push_messages([message for _, message in messages]))
+        timing.record({"event": "push", "mids": ids, "began": began})
         pending = {mid: node for mid, (node, _) in zip(ids, messages) if mid}
         for (node, _), mid in zip(messages, ids):
             if not mid:
@@ -166,6 +169,7 @@ class Link:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
+                timing.record({"event": "reply", "mid": reply.metadata.reply_to_message_id})
                 if reply.has_error():
                     self.configured.discard(node)
                     log.debug("node %d replied with an error: %s", node, reply.error.reason)

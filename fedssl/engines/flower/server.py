@@ -88,7 +88,9 @@ class FlowerRunner:
         for client in self.link.refresh():  # a client on a new node holds nothing of this run
             method.client_lost(client)
         if isinstance(method, SplitMethod):
-            return split_round(method, self.cfg, round_index, FlowerSplitExchange(self.link, method), ledger, observer)
+            exchange = FlowerSplitExchange(self.link, method)
+            row = split_round(method, self.cfg, round_index, exchange, ledger, observer)
+            return {**row, **exchange.timing(row["steps"], row["seconds"])}
         if not isinstance(method, FederatedMethod):
             raise FedSSLError(f"{method.name} has no Flower messages; run it with --engine local")
         exchange = secure_exchange(self.link, self.cfg, method) if self.cfg.flower.secagg else \

@@ -17,6 +17,7 @@ holds; a node that holds another (its state was lost) fails the message and gets
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from torch import Tensor
 
 from fedssl.config import RunConfig
-from fedssl.engines.flower import node
+from fedssl.engines.flower import node, timing
 from fedssl.engines.flower.link import Link, Request, Response
 from fedssl.engines.flower.messages import (AVERAGE, BACKWARD, FORWARD, RESULT, SYNC, TASK, content, from_record,
                                            metrics_record, to_record)
@@ -48,6 +49,15 @@ class FlowerSplitExchange:
     def __init__(self, link: Link, method: SplitMethod) -> None:
         self.link, self.method = link, method
         self.timeout = method.cfg.flower.round_timeout
+        self.clock = {"forward": 0.0, "backward": 0.0, "sync": 0.0, "client": 0.0}  # wall s per exchange kind
+
+    def timing(self, steps: int, round_seconds: float) -> dict[str, float]:
+        """The round's measured seconds: per step (all of it, its two exchanges, the slowest client's compute
+        in them) and the sync's; the server's own step is what the exchanges leave of a step."""
+        per = 1.0 / steps if steps else 0.0
+        return {"step_seconds": (round_seconds - self.clock["sync"]) * per,
+                **{f"{kind}_seconds": self.clock[kind] * per for kind in ("forward", "backward", "client")},
+                "sync_seconds": self.clock["sync"]}
 
     def _task(self, round_index: int, step: int, client: int, served: int) -> dict[str, Any]:
         return {"round": round_index, "step": step, "served": served, "client": client, "version": self.method.version}
@@ -57,6 +67,7 @@ class FlowerSplitExchange:
         replies: dict[int, RecordDict] = {}
         faults = Arrivals(torch.empty(0, dtype=torch.long), {}, wire_down={}, wire_up={})
         response: Response
+        began, slowest = time.perf_counter(), 0.0
         for response in self.link.exchange(requests, self.timeout):
             faults.wire_down[response.client] = response.wire_down  # type: ignore[index]
             faults.wire_up[response.client] = response.wire_up  # type: ignore[index]
@@ -64,6 +75,10 @@ class FlowerSplitExchange:
                 faults.failed[response.client] = response.failure
             else:
                 replies[response.client] = response.reply.content
+                slowest = max(slowest, _compute_seconds(response.reply.content))
+        kind = {FORWARD: "forward", BACKWARD: "backward"}.get(requests[0].message_type, "sync") if requests else "sync"
+        self.clock[kind] += time.perf_counter() - began
+        self.clock["client"] += slowest if kind != "sync" else 0.0
         return replies, faults
 
     def _arrivals(self, requests: list[Request], record: str | None, like: Payload) -> Arrivals:
@@ -99,6 +114,12 @@ class FlowerSplitExchange:
         nets = {NETS: to_record(average)}
         requests = [Request(c, AVERAGE, self._task(round_index, -1, c, -1), nets) for c in clients.tolist()]
         return self._arrivals(requests, None, {})
+
+
+def _compute_seconds(reply: RecordDict) -> float:
+    """The seconds a node says it computed for a reply (0 if it does not say)."""
+    result = reply.metric_records.get(RESULT)
+    return float(result["compute-seconds"]) if result is not None and "compute-seconds" in result else 0.0
 
 
 # ------------------------------------------------------------------ the client side (in the ClientApp)
@@ -139,8 +160,10 @@ def _task(message_content: RecordDict, setup: node.NodeSetup) -> tuple[StepTask,
 def _role(cfg: RunConfig, setup: node.NodeSetup, context: Context) -> tuple[SplitClients, int]:
     """The node's role with this client's state from ``context.state`` (the seeded start if it holds none)."""
     clients, initial = _node_clients(cfg, setup)
+    timing.mark("build")
     saved = node.held(context, STATE)
     clients.load_state_dict(_stacked(saved or initial))
+    timing.mark("deserialise")  # the client's state out of context.state
     record = context.state.config_records.get(VERSION)
     return clients, (int(record["version"]) if record is not None else 0)
 
@@ -160,9 +183,13 @@ def client_forward(cfg: RunConfig, setup: node.NodeSetup, message_content: Recor
     if held != version:
         raise FedSSLError(f"this client holds client-nets of version {held}, the server's are version {version} "
                           "(its state was lost); the server re-sends them")
+    began = time.perf_counter()
     activations = clients.forward(task)
+    seconds = time.perf_counter() - began
+    timing.mark("compute")
     _keep(context, clients, held)
-    return content(**{ACTIVATIONS: to_record({k: v[0] for k, v in activations.items()})})
+    return content(**{ACTIVATIONS: to_record({k: v[0] for k, v in activations.items()}),
+                      RESULT: metrics_record({"compute-seconds": seconds})})
 
 
 def client_backward(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context
@@ -172,9 +199,13 @@ def client_backward(cfg: RunConfig, setup: node.NodeSetup, message_content: Reco
     clients, held = _role(cfg, setup, context)
     if held != version:
         raise FedSSLError(f"a backward for client-nets of version {version} on a client holding version {held}")
-    clients.backward(task, {k: v.unsqueeze(0) for k, v in from_record(message_content[GRADIENT]).items()})
+    gradient = {k: v.unsqueeze(0) for k, v in from_record(message_content[GRADIENT]).items()}
+    began = time.perf_counter()
+    clients.backward(task, gradient)
+    seconds = time.perf_counter() - began
+    timing.mark("compute")
     _keep(context, clients, held)
-    return content(**{RESULT: metrics_record({"steps": 1})})
+    return content(**{RESULT: metrics_record({"steps": 1, "compute-seconds": seconds})})
 
 
 def client_sync(cfg: RunConfig, setup: node.NodeSetup, message_content: RecordDict, context: Context) -> RecordDict:
