@@ -151,18 +151,25 @@ def flwr_run(procs: Processes, federation: str, out: Path, settings: str) -> Non
     assert result.returncode == 0 and "Successfully started run" in result.stdout, result.stdout + result.stderr
 
 
-def test_deployment_survives_a_killed_supernode_and_rejects_nan(tmp_path: Path, processes: Processes) -> None:
-    data, out, port = tmp_path / "data", tmp_path / "run", free_port()
-    write_partitions(processes, data, clients=3)
-    processes.start("superlink", fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
-    wait_for(lambda: listening(port), 60, "the SuperLink", processes)
+def start_three_nodes_one_nan(procs: Processes, data: Path) -> None:
+    """A SuperLink and three SuperNodes (node 2 uploads NaN) as processes on 127.0.0.1, registered as the
+    federation "local-deployment"."""
+    port = free_port()
+    write_partitions(procs, data, clients=3)
+    procs.start("superlink", fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
+    wait_for(lambda: listening(port), 60, "the SuperLink", procs)
     for i in range(3):
-        processes.start(f"node{i}", fedssl_cli(
+        procs.start(f"node{i}", fedssl_cli(
             "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
             "--num-partitions", "3", "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port()),
             *(["--node-config", 'fault="nan"'] if i == 2 else [])))
     subprocess.run(fedssl_cli("deploy", "federation", "local-deployment", "--superlink", f"127.0.0.1:{port}"),
-                   env=processes.env, check=True, capture_output=True)
+                   env=procs.env, check=True, capture_output=True)
+
+
+def test_deployment_survives_a_killed_supernode_and_rejects_nan(tmp_path: Path, processes: Processes) -> None:
+    data, out = tmp_path / "data", tmp_path / "run"
+    start_three_nodes_one_nan(processes, data)
     flwr_run(processes, "local-deployment", out, "clients=3; rounds=2; flower.round_timeout=40")
     log = out / "flower.log"
     wait_for(lambda: log.is_file() and "round 2: 3 client(s) sampled" in log.read_text(), 240, "round 2", processes)

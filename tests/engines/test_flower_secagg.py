@@ -11,7 +11,6 @@ The settings no engine or method can honour are refused with one line.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,8 @@ from fedssl.errors import ConfigError
 from fedssl.methods.base import ClientResult
 from fedssl.methods.fedavg import FedAvgSSL
 from fedssl.run_dir import read_jsonl
-from tests.engines.test_flower_deploy import (TINY_SET, Processes, fedssl_cli, flwr_run, free_port, listening,
-                                              processes, wait_for, write_partitions)
+from tests.engines.test_flower_deploy import (TINY_SET, Processes, flwr_run,  # noqa: F401 (fixture)
+                                              processes, start_three_nodes_one_nan, wait_for)
 from tests.helpers import tiny_config
 
 SECAGG_TINY = ("threads=1", "clients=3", "rounds=1", "local_steps=1", "batch_size=8", "eval.probe_epochs=1",
@@ -63,17 +62,8 @@ def _spy_aggregate(monkeypatch: pytest.MonkeyPatch) -> list[list[ClientResult]]:
 @pytest.mark.slow
 def test_secagg_deployment_sums_the_other_clients_when_one_withholds_nan(tmp_path: Path, processes: Processes,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    data, out, port = tmp_path / "data", tmp_path / "run", free_port()
-    write_partitions(processes, data, clients=3)
-    processes.start("superlink", fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
-    wait_for(lambda: listening(port), 60, "the SuperLink", processes)
-    for i in range(3):
-        processes.start(f"node{i}", fedssl_cli(
-            "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
-            "--num-partitions", "3", "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port()),
-            *(["--node-config", 'fault="nan"'] if i == 2 else [])))
-    subprocess.run(fedssl_cli("deploy", "federation", "local-deployment", "--superlink", f"127.0.0.1:{port}"),
-                   env=processes.env, check=True, capture_output=True)
+    out = tmp_path / "run"
+    start_three_nodes_one_nan(processes, tmp_path / "data")
     flwr_run(processes, "local-deployment", out, "clients=3; rounds=1; flower.secagg=true; flower.round_timeout=90")
     wait_for(lambda: (out / "report.md").is_file(), 300, "the end of the run (its report)", processes)
 
