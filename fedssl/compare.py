@@ -108,7 +108,7 @@ def summarize_run(path: Path) -> dict[str, Any]:
         "train_seconds": float(sum(m["seconds"] for m in metrics)),
         "image_steps": int(sum(m["images"] for m in metrics)),
         "rounds": cfg.rounds,
-        **({"fleet": fleet_summary_of(path)} if cfg.devices.mix else {}),
+        **({"fleet": fleet_summary_of(cfg, final, metrics)} if cfg.devices.mix else {}),
     }
 
 

@@ -162,6 +162,11 @@ def _validate_eval(cfg: RunConfig) -> None:
     _check(cfg.eval.finetune_batch_size >= 1, "eval.finetune_batch_size", "must be >= 1")
 
 
+def clients_per_round(sample_fraction: float, num_clients: int) -> int:
+    """Clients a round samples: ceil(fraction * N), at least 1, at most N (the sampler's and the accountant's m)."""
+    return min(num_clients, max(1, math.ceil(sample_fraction * num_clients)))
+
+
 def _validate_flower(cfg: RunConfig) -> None:
     fl = cfg.flower
     _check(fl.round_timeout > 0, "flower.round_timeout", "must be > 0 seconds")
@@ -180,7 +185,7 @@ def _validate_flower(cfg: RunConfig) -> None:
     _check(0 < fl.secagg_threshold <= 1, "flower.secagg_threshold", f"{fl.secagg_threshold} must be in (0, 1]")
     _check(fl.secagg_clip > 0, "flower.secagg_clip", "must be > 0 (the largest change of a value in one round)")
     if fl.secagg:
-        sampled = max(1, math.ceil(cfg.sample_fraction * cfg.clients))
+        sampled = clients_per_round(cfg.sample_fraction, cfg.clients)
         _check(2 <= sampled <= SECAGG_MAX_CLIENTS, "flower.secagg", f"SecAgg+ sums 2 to {SECAGG_MAX_CLIENTS} "
                f"clients a round but this config samples {sampled}; raise clients or sample_fraction")
 

@@ -11,16 +11,14 @@ kNN of the FINAL encoder stands beside its random init, as everywhere on the pag
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedssl.devices.report import human_seconds
+from fedssl.config import RunConfig, clients_per_round
+from fedssl.devices.report import human_seconds, profile_counts
 from fedssl.io import atomic_savefig
 from fedssl.report import markdown_table
-from fedssl.run_dir import open_run_dir, read_jsonl
 
 TARGET_GAIN = 0.05  # "time to random init + 5 points": the page's federated goal, on the monitor
 
@@ -33,11 +31,8 @@ def time_to_gain(curve: Sequence[tuple[float, float]], start: float, gain: float
     return next((seconds for seconds, acc in curve if acc >= start + gain - 1e-12), None)
 
 
-def fleet_summary_of(path: Path) -> dict[str, Any]:
-    """A finished fleet run's figures (see the module's docstring), from its metrics.jsonl and final.json."""
-    run, cfg = open_run_dir(path)
-    final = json.loads(run.final.read_text())
-    metrics = read_jsonl(run.metrics)
+def fleet_summary_of(cfg: RunConfig, final: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A finished fleet run's figures (see the module's docstring), from its config, final.json and metrics rows."""
     devices = final["devices"]
     start = final["initial"].get("val_knn_acc", final["initial"]["knn_acc"])
     curve = [(float(m.get("sim_seconds_total", 0.0)), float(m["knn_acc"])) for m in metrics
@@ -48,15 +43,8 @@ def fleet_summary_of(path: Path) -> dict[str, Any]:
             "energy_j": sum(energy) / len(energy) if energy else None,
             "late": int(sum(m.get("late", 0) for m in metrics)),
             "unavailable": int(sum(m.get("unavailable", 0) for m in metrics)),
-            "client_rounds": len(metrics) * max(1, math.ceil(cfg.sample_fraction * cfg.clients)),  # sampled
-            "fleet_mix": _mix(devices), "deadline_s": devices["deadline_s"]}
-
-
-def _mix(devices: Mapping[str, Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for c in devices["clients"]:
-        counts[c["profile"]] = counts.get(c["profile"], 0) + 1
-    return dict(sorted(counts.items()))
+            "client_rounds": len(metrics) * clients_per_round(cfg.sample_fraction, cfg.clients),  # sampled
+            "fleet_mix": profile_counts(devices), "deadline_s": devices["deadline_s"]}
 
 
 def _pct(value: float | None) -> str:

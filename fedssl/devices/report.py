@@ -26,14 +26,20 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def profile_counts(devices: Mapping[str, Any]) -> dict[str, int]:
+    """final.json's ``devices``: how many clients have each profile, by profile name."""
+    counts: dict[str, int] = {}
+    for c in devices["clients"]:
+        counts[c["profile"]] = counts.get(c["profile"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def devices_section(devices: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]],
                     initial: Mapping[str, Any]) -> str:
     """The fleet's profiles, kNN (monitor) against simulated time, and the clients' compute and energy."""
     profiles = "\n".join(f"- {describe_profile(name, DeviceProfile(**p))}" for name, p in devices["profiles"].items())
     server = describe_profile("split server", DeviceProfile(**devices["server"]))
-    counts: dict[str, int] = {}
-    for c in devices["clients"]:
-        counts[c["profile"]] = counts.get(c["profile"], 0) + 1
+    counts = profile_counts(devices)
     deadline = devices["deadline_s"]
     text = (f"## Devices and the simulated clock\n\nFleet: {', '.join(f'{n} x {p}' for p, n in sorted(counts.items()))}"
             f"; round deadline {human_seconds(deadline) if deadline else 'none'}. Simulated time of the whole run: "

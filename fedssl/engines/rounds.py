@@ -28,13 +28,12 @@ from typing import Any
 import numpy as np
 
 from fedssl.aggregation import check_upload
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, clients_per_round
 from fedssl.data.datasets import ImageData
 from fedssl.devices.clock import exchange_time, step_flops
 from fedssl.devices.fleet import Fleet, available, fleet_of
 from fedssl.engines.observer import Observer, note
 from fedssl.methods.base import ClientResult, FederatedMethod, Payload
-from fedssl.privacy.dp import clients_per_round
 from fedssl.resources import DOWNLOAD, UPLOAD, Ledger, payload_bytes
 from fedssl.training import derive_seed
 

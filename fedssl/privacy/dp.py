@@ -41,16 +41,11 @@ import secrets
 import torch
 from torch import Tensor
 
-from fedssl.config import RunConfig
+from fedssl.config import RunConfig, clients_per_round  # noqa: F401 (re-exported: the sampler's m)
 from fedssl.training import derive_seed
 
 Payload = dict[str, Tensor]
 NOISE_STREAM = 0xD9  # derive_seed tag of the noise generators
-
-
-def clients_per_round(sample_fraction: float, num_clients: int) -> int:
-    """Clients a round samples: ceil(fraction * N), at least 1, at most N (the sampler's and the accountant's m)."""
-    return min(num_clients, max(1, math.ceil(sample_fraction * num_clients)))
 
 
 def update_of(upload: Payload, download: Payload) -> dict[str, Tensor]:
