@@ -329,23 +329,19 @@ def build_grid(preset: ComparePreset, extra: Sequence[str] = ()) -> list[Setting
         for seed in preset.ceiling_seeds:
             settings.append(Setting(f"{_slug(spec.label)}-s{seed}", spec.label, values(spec), overrides(spec, seed),
                                     group="pooled data", finetune=preset.finetune))
-    for block in preset.blocks:
-        labels = block.methods or tuple(m.label for m in preset.methods if m.federated)
-        for label in labels:
+    def block_settings(block: Block, key: str, group: str, more: tuple[str, ...], finetune: bool) -> None:
+        """The block's methods x its seeds; ``key``: the folder name after the method's slug, before the seed."""
+        for label in block.methods or tuple(m.label for m in preset.methods if m.federated):
             spec = specs[label]
             for seed in block.seeds:
-                key = f"{_slug(label)}-{_slug(block.partition)}-{block.clients}c-s{seed}"
-                settings.append(Setting(key, label, values(spec),
-                                        (*block.overrides, f"clients={block.clients}", *overrides(spec, seed)),
-                                        group=block.group, finetune=preset.finetune))
+                settings.append(Setting(f"{_slug(label)}-{key}-s{seed}", label, values(spec),
+                                        (*block.overrides, f"clients={block.clients}", *more, *overrides(spec, seed)),
+                                        group=group, finetune=finetune))
+
+    for block in preset.blocks:
+        block_settings(block, f"{_slug(block.partition)}-{block.clients}c", block.group, (), preset.finetune)
     for fleet in preset.fleets:
-        for label in fleet.block.methods or tuple(m.label for m in preset.methods if m.federated):
-            for seed in fleet.block.seeds:
-                key = f"{_slug(label)}-fleet-{fleet.slug}-s{seed}"
-                settings.append(Setting(key, label, values(specs[label]),
-                                        (*fleet.block.overrides, f"clients={fleet.block.clients}",
-                                         *fleet.overrides, *FLEET_EVAL, *overrides(specs[label], seed)),
-                                        group=fleet.group))
+        block_settings(fleet.block, f"fleet-{fleet.slug}", fleet.group, (*fleet.overrides, *FLEET_EVAL), False)
     return settings
 
 
