@@ -87,16 +87,30 @@ def _group_alive(leader: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def start_node(root: Path, name: str, *args: str) -> Node:
+WORKER_PORTS = 200  # the span of a node's --min-worker-port .. --max-worker-port
+
+
+def node_ports(taken: set[int]) -> list[int]:
+    """Six free component ports and the first of a worker-port span, none of them, nor the span, in ``taken``
+    (the cluster's ports so far; Ray refuses a node whose worker span holds one of its own ports); adds them."""
+    while True:
+        ports, start = free_ports(6), free_ports(1)[0]
+        span = set(range(start, start + WORKER_PORTS + 1))
+        if not (set(ports) | span) & taken and not set(ports) & span:
+            taken.update(ports, span)
+            return [*ports, start]
+
+
+def start_node(root: Path, name: str, taken: set[int], *args: str) -> Node:
     """``ray start --block`` with 1 CPU, no GPU, a 100 MB object store, ports of its own, in ``root/name``."""
     temp_dir = root / name
     temp_dir.mkdir()
-    ports = free_ports(7)
+    ports = node_ports(taken)
     command = [RAY, "start", "--block", *args, "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
                f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--node-manager-port={ports[0]}",
                f"--object-manager-port={ports[1]}", f"--dashboard-agent-listen-port={ports[2]}",
                f"--dashboard-agent-grpc-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
-               f"--metrics-export-port={ports[5]}", f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 200}"]
+               f"--metrics-export-port={ports[5]}", f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + WORKER_PORTS}"]
     log = root / f"{name}.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     with log.open("wb") as out:
@@ -120,12 +134,13 @@ def ray_cluster() -> Iterator[Cluster]:
     nodes: list[Node] = []
     try:
         gcs, client, dashboard = free_ports(3)
+        taken = {gcs, client, dashboard}
         address = f"127.0.0.1:{gcs}"
-        nodes.append(start_node(root, "head", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+        nodes.append(start_node(root, "head", taken, "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                                 f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
                                 "--include-dashboard=false"))
         nodes[0].wait_started()
-        nodes.append(start_node(root, "worker", f"--address={address}", "--node-ip-address=127.0.0.1"))
+        nodes.append(start_node(root, "worker", taken, f"--address={address}", "--node-ip-address=127.0.0.1"))
         nodes[1].wait_started()
         yield Cluster(address, nodes[0], nodes[1])
     finally:
