@@ -84,6 +84,38 @@ def test_supernode_commands_and_the_fleet_polling_cap(tmp_path: Path, monkeypatc
     assert time.perf_counter() - began < 1 and loop.time.time() > 0
 
 
+
+def test_object_pulls_retry_at_once_not_after_flowers_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object that is not there yet (the SuperNode hands a task over before it holds the objects) is asked for
+    again after 0.01 s, doubling to 0.1 s, in each of the three places Flower pulls objects; Flower waits 1 s, 2 s."""
+    import importlib
+
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from fedssl.engines.flower.pulls import PATCHED, cap_pull_backoff
+
+    modules = [(importlib.import_module(module), name) for module, name in PATCHED]
+    for module, name in modules:  # each name still exists in this Flower (an upgrade that renames one fails here)
+        monkeypatch.setattr(module, name, getattr(module, name))  # Flower's own back after the test
+    cap_pull_backoff()
+    cap_pull_backoff()  # twice is once: the original is re-capped, not wrapped twice
+    tries: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(time.perf_counter())
+        if len(tries) < 4:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    import flwr.supernode.start_client_internal as loop
+
+    assert loop.pull_objects(["id"], pull_object_fn=pull) == {"id": b"content"}
+    assert tries[-1] - tries[0] < 0.8  # three waits of ~0.01 + 0.02 + 0.04 s (Flower's own: 1 + 2 + 4 s)
+    for module, name in modules:
+        capped = getattr(module, name)
+        assert capped.keywords == {"initial_backoff": 0.01, "backoff_cap": 0.1, "max_tries_per_object": None}
+        assert not hasattr(capped.func, "func")
+
 def test_check_upload_names_what_is_wrong() -> None:
     expected = {"w": torch.zeros(3, 2), "n": torch.zeros((), dtype=torch.long)}
     assert check_upload({"w": torch.ones(3, 2), "n": torch.tensor(1)}, expected, 10) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedssl.engines.flower.pulls import cap_pull_backoff
 from fedssl.engines.flower.runs import serve
 
 app = ServerApp()
@@ -17,4 +18,5 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    cap_pull_backoff()  # a reply's objects are pulled as soon as they are there, not after a 1 s wait
     serve(grid, context.run_config)

@@ -25,6 +25,8 @@ import threading
 import time
 import types
 
+from fedssl.engines.flower.pulls import cap_pull_backoff
+
 WORKER_RESTART_SECONDS = 1.0  # pause before starting a dead worker again
 
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         flower_args = [*flower_args, "--isolation", "process"]
     if args.fleet_poll is not None:
         cap_fleet_polling(args.fleet_poll)
+        cap_pull_backoff()
     if args.worker:
         keep_worker(worker_command(runtime_port(flower_args), os.getpid()))
     from flwr.supernode.cli.flower_supernode import flower_supernode

@@ -46,6 +46,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedssl.engines.flower import timing
+from fedssl.engines.flower.pulls import cap_pull_backoff
 
 TASK_POLL_SECONDS = 0.02  # between two asks for a task (a local HTTP call; flower-superexec waits 1 s)
 log = logging.getLogger("fedssl.worker")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     import fedssl.engines.flower.client_app  # noqa: F401 (torch, the methods, the app: once, before any message)
+
+    cap_pull_backoff()  # the SuperNode hands over a task before it holds the message's objects
 
     serve(args.runtime_api_address, args.poll)
 
