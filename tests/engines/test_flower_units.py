@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -83,6 +84,19 @@ def test_supernode_commands_and_the_fleet_polling_cap(tmp_path: Path, monkeypatc
     loop.time.sleep(3)  # Flower's wait when no message came
     assert time.perf_counter() - began < 1 and loop.time.time() > 0
 
+
+
+def test_a_supernode_that_joined_and_left_is_started_again_one_that_never_joined_ends(tmp_path: Path) -> None:
+    """``supervise``: the first SuperNode says it joined and leaves (the SuperLink forgot it): started again; the
+    second never joins (say, a refused key): its exit status ends the supervisor."""
+    from fedssl.engines.flower import supernode
+
+    starts = tmp_path / "starts"
+    child = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) if p.exists() else 0; "
+             "p.write_text('x' * (n + 1)); print('SuperNode ID: 7' if n == 0 else 'Failed to activate SuperNode.'); "
+             "sys.exit(0 if n == 0 else 5)")
+    assert supernode.supervise([sys.executable, "-c", child, str(starts)]) == 5
+    assert starts.read_text() == "xx"
 
 
 def test_object_pulls_retry_at_once_not_after_flowers_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
