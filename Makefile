@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/fedssl run --config configs/cifar10/demo.toml $(DATA_SET)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: install
 	$(BIN)/python benchmarks/federation_overhead.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),)

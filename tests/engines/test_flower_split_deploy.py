@@ -30,7 +30,7 @@ SPLIT_SET = ("method=mocosfl; dataset=cifar10; partition=iid; split.client_batch
 def test_mocosfl_steps_on_three_real_supernodes(tmp_path: Path, processes: Processes, cifar_subset_dir: Path
                                                 ) -> None:
     data, out, port = tmp_path / "data", tmp_path / "run", free_port()
-    settings = f"{SPLIT_SET}; data_dir={cifar_subset_dir}; clients=3; rounds=4"
+    settings = f"{SPLIT_SET}; data_dir={cifar_subset_dir}; clients=3; rounds=3"
     sets = [f"--set={item.strip()}" for item in f"{TINY_SET}; {settings}".split(";")]
     subprocess.run(fedssl_cli("deploy", "partition", *sets, "--out", str(data)), env=processes.env, check=True,
                    capture_output=True)
