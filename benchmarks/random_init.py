@@ -30,9 +30,11 @@ PRESETS = REPO / "configs" / "cifar10"
 ARCHITECTURES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("ResNet-10 width 16, BatchNorm", "make demo (configs/cifar10/fedmoco.toml)", "fedmoco.toml", ()),
     ("ResNet-10 width 16, GroupNorm 2 ch/group", "recipes.py (norm)", "fedmoco.toml", ("model.norm=group",)),
-    ("ResNet-10 width 16, GroupNorm 8 ch/group", "recipes.py (norm); the cpu comparison", "fedmoco.toml",
+    ("ResNet-10 width 16, GroupNorm 8 ch/group", "recipes.py (norm); the cpu comparison; mocosfl_accuracy.py",
+     "fedmoco.toml",
      ("model.norm=group", "model.group_channels=8")),
-    ("ResNet-18 width 16, GroupNorm 2 ch/group", "mocosfl_accuracy.py", "mocosfl.toml", ()),
+    ("ResNet-18 width 16, GroupNorm 2 ch/group", "the MocoSFL presets (mocosfl_accuracy.py until 2026-12-07)",
+     "mocosfl.toml", ()),
     ("ViT width 64, 4 blocks, patch 4", "layerwise_accuracy.py, fedmae_accuracy.py; the cpu comparison",
      "lw-fedssl.toml", ()),
     ("ResNet-10 width 8, GroupNorm 2 ch/group", "the retired cpu-small comparison (docs/RESULTS.md)", "fedmoco.toml",
