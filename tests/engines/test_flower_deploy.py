@@ -151,20 +151,32 @@ def flwr_run(procs: Processes, federation: str, out: Path, settings: str) -> Non
     assert result.returncode == 0 and "Successfully started run" in result.stdout, result.stdout + result.stderr
 
 
+def start_superlink(procs: Processes, name: str, port: int) -> None:
+    procs.start(name, fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
+    wait_for(lambda: listening(port), 60, f"the SuperLink ({name})", procs)
+
+
+def start_deployment(procs: Processes, data: Path, nodes: int, federation: str,
+                     node_args: dict[int, list[str]] | None = None) -> int:
+    """A SuperLink and ``nodes`` SuperNodes (node i reading ``data/partition-i``, with ``node_args[i]``) as
+    processes on 127.0.0.1, registered as ``federation``; returns the SuperLink's port."""
+    port = free_port()
+    start_superlink(procs, "superlink", port)
+    for i in range(nodes):
+        procs.start(f"node{i}", fedssl_cli(
+            "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
+            "--num-partitions", str(nodes), "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port()),
+            *(node_args or {}).get(i, [])))
+    subprocess.run(fedssl_cli("deploy", "federation", federation, "--superlink", f"127.0.0.1:{port}"),
+                   env=procs.env, check=True, capture_output=True)
+    return port
+
+
 def start_three_nodes_one_nan(procs: Processes, data: Path) -> None:
     """A SuperLink and three SuperNodes (node 2 uploads NaN) as processes on 127.0.0.1, registered as the
     federation "local-deployment"."""
-    port = free_port()
     write_partitions(procs, data, clients=3)
-    procs.start("superlink", fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
-    wait_for(lambda: listening(port), 60, "the SuperLink", procs)
-    for i in range(3):
-        procs.start(f"node{i}", fedssl_cli(
-            "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
-            "--num-partitions", "3", "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port()),
-            *(["--node-config", 'fault="nan"'] if i == 2 else [])))
-    subprocess.run(fedssl_cli("deploy", "federation", "local-deployment", "--superlink", f"127.0.0.1:{port}"),
-                   env=procs.env, check=True, capture_output=True)
+    start_deployment(procs, data, 3, "local-deployment", {2: ["--node-config", 'fault="nan"']})
 
 
 def test_deployment_survives_a_killed_supernode_and_rejects_nan(tmp_path: Path, processes: Processes) -> None:

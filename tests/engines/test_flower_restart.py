@@ -23,18 +23,13 @@ import pytest
 from fedssl.engines.local import start_run
 from fedssl.run_dir import read_jsonl
 from tests.engines.test_flower_deploy import (REPO, TINY_SET, Processes, _cmdline, descendants,  # noqa: F401
-                                              fedssl_cli, flwr_run, free_port, listening, processes, wait_for,
+                                              flwr_run, processes, start_deployment, start_superlink, wait_for,
                                               write_partitions)
 from tests.helpers import comparable, tiny_config
 
 pytestmark = pytest.mark.slow
 
 STAGED = "method=lw-fedssl; clients=2; rounds=4; layerwise.rounds_per_stage=2; flower.round_timeout=60"
-
-
-def start_superlink(procs: Processes, name: str, port: int) -> None:
-    procs.start(name, fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
-    wait_for(lambda: listening(port), 60, f"the SuperLink ({name})", procs)
 
 
 def worker_pids(procs: Processes, node: str) -> list[int]:
@@ -51,15 +46,9 @@ def resume(procs: Processes, federation: str, out: Path) -> None:
 
 def test_a_restarted_superlink_resumes_the_run_and_the_nodes_get_their_frozen_block_again(
         tmp_path: Path, processes: Processes) -> None:
-    data, out, port = tmp_path / "data", tmp_path / "run", free_port()
+    data, out = tmp_path / "data", tmp_path / "run"
     write_partitions(processes, data, clients=2)
-    start_superlink(processes, "superlink", port)
-    for i in range(2):
-        processes.start(f"node{i}", fedssl_cli(
-            "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
-            "--num-partitions", "2", "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port())))
-    subprocess.run(fedssl_cli("deploy", "federation", "restart", "--superlink", f"127.0.0.1:{port}"),
-                   env=processes.env, check=True, capture_output=True)
+    port = start_deployment(processes, data, 2, "restart")
     flwr_run(processes, "restart", out, STAGED)
     wait_for(lambda: (out / "metrics.jsonl").is_file() and len(read_jsonl(out / "metrics.jsonl")) == 3, 240,
              "round 3's checkpoint", processes)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from fedssl.run_dir import read_jsonl
-from tests.engines.test_flower_deploy import (TINY_SET, Processes, fedssl_cli, flwr_run, free_port,  # noqa: F401
-                                              listening, processes, wait_for)
+from tests.engines.test_flower_deploy import (TINY_SET, Processes, fedssl_cli, flwr_run,  # noqa: F401
+                                              processes, start_deployment, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +29,12 @@ SPLIT_SET = ("method=mocosfl; dataset=cifar10; partition=iid; split.client_batch
 
 def test_mocosfl_steps_on_three_real_supernodes(tmp_path: Path, processes: Processes, cifar_subset_dir: Path
                                                 ) -> None:
-    data, out, port = tmp_path / "data", tmp_path / "run", free_port()
+    data, out = tmp_path / "data", tmp_path / "run"
     settings = f"{SPLIT_SET}; data_dir={cifar_subset_dir}; clients=3; rounds=3"
     sets = [f"--set={item.strip()}" for item in f"{TINY_SET}; {settings}".split(";")]
     subprocess.run(fedssl_cli("deploy", "partition", *sets, "--out", str(data)), env=processes.env, check=True,
                    capture_output=True)
-    processes.start("superlink", fedssl_cli("deploy", "superlink", "--host", "127.0.0.1", "--port", str(port)))
-    wait_for(lambda: listening(port), 60, "the SuperLink", processes)
-    for i in range(3):
-        processes.start(f"node{i}", fedssl_cli(
-            "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(i),
-            "--num-partitions", "3", "--data-dir", str(data / f"partition-{i}"), "--port", str(free_port())))
-    subprocess.run(fedssl_cli("deploy", "federation", "split", "--superlink", f"127.0.0.1:{port}"),
-                   env=processes.env, check=True, capture_output=True)
+    start_deployment(processes, data, 3, "split")
     flwr_run(processes, "split", out, settings)
     wait_for(lambda: (out / "report.md").is_file(), 600, "the end of the split run (its report)", processes)
 
