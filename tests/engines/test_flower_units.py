@@ -99,6 +99,36 @@ def test_a_supernode_that_joined_and_left_is_started_again_one_that_never_joined
     assert starts.read_text() == "xx"
 
 
+def test_the_worker_ends_when_the_process_that_started_it_is_gone(tmp_path: Path) -> None:
+    """A worker whose parent (``fedssl deploy supernode``) dies ends by itself, also while its HTTP client retries a
+    SuperNode that is gone (nothing listens at its Runtime API port here)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pid_file = tmp_path / "worker.pid"
+    # the bash process starts the worker, says its pid and exits: the worker's parent is gone
+    subprocess.run(["bash", "-c", f"{sys.executable} -m fedssl.engines.flower.worker --runtime-api-address "
+                    f"127.0.0.1:{port} --parent-pid $$ >{tmp_path / 'worker.log'} 2>&1 & echo $! >{pid_file}; sleep 8"],
+                   check=True, timeout=60)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.2)
+    assert not _running(pid), (tmp_path / "worker.log").read_text()[-2000:]
+    assert "is gone; stopping" in (tmp_path / "worker.log").read_text()
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_object_pulls_retry_at_once_not_after_flowers_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
     """An object that is not there yet (the SuperNode hands a task over before it holds the objects) is asked for
     again after 0.01 s, doubling to 0.1 s, in each of the three places Flower pulls objects; Flower waits 1 s, 2 s."""

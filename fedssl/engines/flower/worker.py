@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -37,7 +39,6 @@ from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -119,21 +120,41 @@ def serve(address: str, poll: float = TASK_POLL_SECONDS) -> None:
             time.sleep(poll)
 
 
+def exit_with_parent(parent_pid: int, every: float = 0.5) -> threading.Thread:
+    """End this process once ``parent_pid`` is no longer its parent (``fedssl deploy supernode`` is gone).
+
+    Flower's own monitor interrupts the main thread with SIGINT, which a retrying HTTP call to the dead
+    SuperNode can swallow (the worker then lives on, orphaned); this one ends the process outright.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every)
+        log.info("fedssl worker: the process that started it (pid %d) is gone; stopping", parent_pid)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="fedssl-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A SuperNode's long-lived ClientApp process")
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (fedssl deploy supernode) is gone")
     parser.add_argument("--poll", type=float, default=TASK_POLL_SECONDS, help="seconds between two asks for a task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)
+        exit_with_parent(args.parent_pid)
     import fedssl.engines.flower.client_app  # noqa: F401 (torch, the methods, the app: once, before any message)
 
     cap_pull_backoff()  # the SuperNode hands over a task before it holds the message's objects
 
-    serve(args.runtime_api_address, args.poll)
+    try:
+        serve(args.runtime_api_address, args.poll)
+    except KeyboardInterrupt:  # Ctrl+C in the node's terminal reaches the worker too: end without a traceback
+        log.info("fedssl worker: interrupted; stopping")
 
 
 if __name__ == "__main__":
