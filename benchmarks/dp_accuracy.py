@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedssl.compare import COMPARE_PRESETS, Setting, build_grid, ensure_run, summarize_run  # noqa: E402
 from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.privacy.dp import clients_per_round  # noqa: E402
+from fedssl.results_page import learned_measurably  # noqa: E402
 from fedssl.run_dir import RunDir, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def z_for_epsilon(target: float, cfg: Any) -> float:
 def row_verdict(noise: float, group: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[str, bool, bool]:
     """One DP row against no DP: its line, whether it costs kNN beyond the seed spread, whether it still learns."""
     knn, gains = [r["knn"] for r in group], [r["knn"] - r["init"] for r in group]
-    learns = mean(gains) > std(gains)  # a gain over random init beyond its own seed spread
+    learns = learned_measurably(mean(gains), std(gains))  # beyond 2 points and its own seed spread
     diffs = paired(group, plain)  # seed by seed: means over the same seeds even while a benchmark is unfinished
     costs = bool(diffs) and -mean(diffs) > max(std([r["knn"] for r in plain]), std(knn))
     line = (f"- {row_name(noise)} (epsilon {eps_text(group[0]['epsilon'])}): {spread(knn)}% kNN, "
@@ -211,8 +212,8 @@ def epsilon_lines(rows: list[dict[str, Any]], learning_eps: list[float]) -> list
     """Whether a noised row that learns has a meaningful epsilon, and the noise epsilon = 10 would take."""
     cfg, m, floats = rows[0]["cfg"], rows[0]["m"], rows[0]["floats"]
     if learning_eps and min(learning_eps) <= MEANINGFUL_EPSILON:
-        lines = [f"- The smallest epsilon of a noised row that still learns (its gain over random init beyond its "
-                 f"own seed spread): {eps_text(min(learning_eps))}, a meaningful guarantee; its line above says what "
+        lines = [f"- The smallest epsilon of a noised row that still learns (its gain over random init beyond 2 "
+                 f"points and its own seed spread): {eps_text(min(learning_eps))}, a meaningful guarantee; its line above says what "
                  "it costs against no DP."]
     elif learning_eps:
         lines = [f"- The smallest epsilon of a noised row that still learns: {eps_text(min(learning_eps))}, far "
@@ -236,7 +237,7 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     if not plain or len(plain) < 2:
         return "No verdict: the no-DP row needs at least two finished seeds.\n"
     plain_gains = [r["knn"] - r["init"] for r in plain]
-    plain_learns = mean(plain_gains) > std(plain_gains)
+    plain_learns = learned_measurably(mean(plain_gains), std(plain_gains))
     lines = [f"- no DP: {spread([r['knn'] for r in plain])}% kNN, {spread(plain_gains, signed=True)} points over "
              f"random init: {'learns' if plain_learns else 'does NOT learn beyond the seed spread'}."]
     learning_eps, costly, free = [], [], []

@@ -25,6 +25,7 @@ ACCURACIES = ("knn", "probe", "finetune", "knn_init", "probe_init", "knn_pixels"
 COSTS = ("memory", "flops", "comm", "train_seconds", "optimizer_steps", "image_steps")
 MIN_GAIN = 0.05  # a federated method should end >= 5 points above its random init in the headline setting
 MIN_CEILING_GAIN = 0.10  # a centralized ceiling >= 10 points
+MIN_LEARNED_GAIN = 0.02  # a kNN gain below 2 points (or below its seed spread) is not measurable learning
 
 
 def fold_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,10 +218,15 @@ class Claim:
     ratio: bool = False
 
 
+def learned_measurably(gain: float | None, spread: float = 0.0) -> bool:
+    """The project's rule: a kNN gain over random init is learning only where it clears ``MIN_LEARNED_GAIN`` and
+    its own seed spread (one seed: no spread)."""
+    return gain is not None and gain > max(MIN_LEARNED_GAIN, spread)
+
+
 def _learned(row: dict[str, Any]) -> bool:
-    """Whether a row learned at all measurably: its kNN gain over random init clears 2 points and its spread."""
-    gain, spread = row.get("knn_gain"), row.get("knn_gain_spread") or 0.0
-    return gain is not None and gain > max(0.02, spread)
+    """Whether a row learned at all measurably (``learned_measurably`` of its kNN gain and spread)."""
+    return learned_measurably(row.get("knn_gain"), row.get("knn_gain_spread") or 0.0)
 
 
 def claim_verdict(claim: Claim, rows: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
