@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
@@ -117,20 +117,23 @@ def machine_description() -> str:
 
 
 def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, docs: Path, extra: list[str],
-                reliability: bool = True, only: Sequence[str] = (), page_only: bool = False) -> Path:
+                reliability: bool = True, only: Sequence[str] = (), page_only: bool = False, jobs: int = 1) -> Path:
     """Run (or continue) every setting of a comparison preset, then write docs/RESULTS.md and its plots.
 
     ``extra``: ``--set`` overrides applied last to every setting (they win over the preset's values);
     ``only``: key patterns of the settings to run (:func:`fedssl.compare.select_settings`; () = all);
-    ``page_only``: run nothing: the page of the settings already finished, naming those still to run.
+    ``page_only``: run nothing: the page of the settings already finished, naming those still to run;
+    ``jobs``: settings trained at once, each in its own process (the reliability checks run beside them).
     """
-    from fedssl.compare import COMPARE_PRESETS, build_grid, finished_settings, run_comparison, select_settings
+    from fedssl.compare import (COMPARE_PRESETS, build_grid, check_jobs, finished_settings, run_comparison,
+                                select_settings)
     from fedssl.engines.local import resolve_device
     from fedssl.errors import FedSSLError
     from fedssl.io import atomic_write_text
 
     if preset not in COMPARE_PRESETS:
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")
+    check_jobs(jobs)
     spec = COMPARE_PRESETS[preset]
     settings = select_settings(build_grid(spec, [*([f"data_dir={data_dir}"] if data_dir else []), *extra]), only)
     resolve_device(settings[0].config().device)  # before any run: one clear line where the device is not here
@@ -143,36 +146,67 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
             raise FedSSLError(f"no setting of {preset} has finished in {runs}; run it without --page-only first")
         settings = done
 
+    reused = len(finished_settings(settings, runs))
+
     def progress(index: int, setting: Any) -> None:
         console.print(f"[{index + 1}/{len(settings)}] {setting.label} — {setting.group or 'pooled data'} "
                       f"(seed {setting.config().seed}) [dim]{time.perf_counter() - started:.0f} s[/dim]")
 
-    rows = run_comparison(settings, runs, progress)
+    def finished(index: int, setting: Any, seconds: float) -> None:
+        if jobs > 1:  # with one job the run's own progress shows its end
+            console.print(f"[dim]done [{index + 1}/{len(settings)}] {setting.key} in {seconds:.0f} s "
+                          f"({time.perf_counter() - started:.0f} s in all)[/dim]")
+
+    checks = _start_reliability(console, jobs) if reliability and not page_only else None
+    rows = run_comparison(settings, runs, progress, jobs=jobs, finished=finished)
     atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
     command = shlex.join(["fedssl", "bench", "compare", "--preset", preset,
-                          *(["--data-dir", data_dir] if data_dir else []),
+                          *(["--data-dir", data_dir] if data_dir else []), *(["--jobs", str(jobs)] if jobs > 1 else []),
                           *(a for p in only for a in ("--only", p)), *(a for e in extra for a in ("--set", e))])
-    section = _reliability_section(console, runs) if reliability and not page_only else ""
-    out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending)
-    console.print(f"written: {out} ({len(rows)} runs, {len(pending)} pending, "
-                  f"{(time.perf_counter() - started) / 60:.1f} min)")
+    section = _reliability_section(console, runs, checks) if checks is not None else ""
+    minutes = (time.perf_counter() - started) / 60
+    wall = "" if page_only else (f"This call took {minutes:.0f} min of wall time with {jobs} run(s) at once: it "
+                                 f"trained {len(settings) - reused} of the {len(settings)} settings and read "
+                                 f"{reused} back from an earlier call"
+                                 + (", and ran the reliability checks" if checks is not None else "") + ". ")
+    out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending, wall=wall)
+    console.print(f"written: {out} ({len(rows)} runs, {len(pending)} pending, {minutes:.1f} min)")
     return out
 
 
-def _reliability_section(console: Console, runs: Path) -> str:
-    """Run the reliability checks (each a fedssl process), keep their JSON beside the runs, return the page's section."""
+def _start_reliability(console: Console, jobs: int) -> Any:
+    """The reliability checks (:func:`fedssl.reliability.run_checks`), started now: beside the runs in a thread
+    when ``jobs`` > 1 (each check is its own fedssl processes), else returned to run after them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedssl.reliability import run_checks
+
+    def report(name: str) -> None:
+        console.print(f"[dim]reliability: {name} ...[/dim]")
+
+    if jobs == 1:
+        return lambda: run_checks(report)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reliability")
+    future = pool.submit(run_checks, report)
+    pool.shutdown(wait=False)
+    return future.result
+
+
+def _reliability_section(console: Console, runs: Path, outcome: Callable[[], list[Any]]) -> str:
+    """The reliability checks' outcome (``outcome()`` runs or awaits them), kept as JSON beside the runs; the
+    page's section."""
     import datetime
 
     from fedssl.io import atomic_write_text
-    from fedssl.reliability import checks_to_json, reliability_section, run_checks
+    from fedssl.reliability import checks_to_json, reliability_section
 
-    checks = run_checks(lambda name: console.print(f"[dim]reliability: {name} ...[/dim]"))
+    checks = outcome()
     atomic_write_text(runs / "reliability.json", checks_to_json(checks))
     return reliability_section(checks, datetime.date.today().isoformat())
 
 
 def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, reliability: str,
-                        pending: Sequence[str]) -> Path:
+                        pending: Sequence[str], wall: str = "") -> Path:
     """docs/RESULTS.md and its two plots (accuracy vs client memory and vs communication) from the rows."""
     import datetime
 
@@ -190,7 +224,7 @@ def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, co
                            docs / "results" / "accuracy-vs-communication.png", title, spec.headline)]
     text = render_results_page(spec, rows, when=datetime.date.today().isoformat(), machine=machine_description(),
                                command=command, plots=[str(p.relative_to(docs)) for p in plots],
-                               reliability=reliability, pending=pending)
+                               reliability=reliability, pending=pending, wall=wall)
     text += "\n" + fleet_section(spec.fleets, fleet_rows, docs)
     out = docs / "RESULTS.md"
     docs.mkdir(parents=True, exist_ok=True)

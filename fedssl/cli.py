@@ -236,7 +236,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         runs = Path(args.runs) if args.runs else Path("runs") / f"compare-{args.preset}"
         run_compare(console, preset=args.preset, data_dir=args.data_dir, runs=runs, docs=Path(args.docs),
                     extra=args.set or [], reliability=not args.no_reliability, only=args.only or [],
-                    page_only=args.page_only)
+                    page_only=args.page_only, jobs=args.jobs)
         return 0
     run_overhead_benchmark(console, data_dir=args.data_dir)
     return 0
@@ -322,6 +322,9 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--only", action="append", metavar="PATTERN", help="compare: run only the settings whose "
                        "folder name matches (shell pattern, repeatable), e.g. 'centralized-*-s0' "
                        "'fedmoco-v2-dirichlet-0-5-10c-s0'")
+    bench.add_argument("--jobs", type=int, default=1, help="compare: settings trained at once, each in its own "
+                       "process with the cores shared out (e.g. 2 on a 2-core machine); the results do not depend "
+                       "on it where threads is set (--set threads=1)")
     bench.add_argument("--no-reliability", action="store_true", help="compare: skip the reliability checks")
     bench.add_argument("--page-only", action="store_true", help="compare: run nothing; write the page of the "
                        "settings already finished and name those still to run")

@@ -10,6 +10,8 @@ every figure of a comparison table is read off the run's own files (:func:`summa
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -118,20 +120,87 @@ def finished_settings(settings: Sequence[Setting], root: Path) -> list[Setting]:
 
 
 def run_comparison(settings: Sequence[Setting], root: Path,
-                   progress: Callable[[int, Setting], Any] | None = None) -> list[dict[str, Any]]:
-    """Ensure every setting's run (in order) and return one summary row per setting (with key, label, group)."""
+                   progress: Callable[[int, Setting], Any] | None = None, *, jobs: int = 1,
+                   finished: Callable[[int, Setting, float], None] | None = None) -> list[dict[str, Any]]:
+    """Ensure every setting's run and return one summary row per setting (with key, label, group), in grid order.
+
+    ``jobs`` > 1 runs that many settings at once, each in its own process (:func:`run_in_processes`); each run
+    is the same resumable run directory as with ``jobs`` = 1, so the rows are the same whichever ran them.
+    ``progress(index, setting)`` is called as a setting starts (with ``jobs`` = 1 it may return the run's
+    observer), ``finished(index, setting, seconds)`` as it ends.
+    """
     keys = [s.key for s in settings]
     if len(set(keys)) != len(keys):
         raise FedSSLError("two settings of the comparison share a folder name; give each a unique key")
-    rows = []
-    for index, setting in enumerate(settings):
-        observer = progress(index, setting) if progress is not None else None
-        path = ensure_run(setting, root, observer)
-        rows.append({"key": setting.key, "label": setting.label, "group": setting.group, **summarize_run(path)})
-    return rows
+    check_jobs(jobs)
+    if jobs == 1:
+        for index, setting in enumerate(settings):
+            observer = progress(index, setting) if progress is not None else None
+            started = time.perf_counter()
+            ensure_run(setting, root, observer)
+            if finished is not None:
+                finished(index, setting, time.perf_counter() - started)
+    else:
+        run_in_processes(settings, root, jobs, progress=progress, finished=finished)
+    return [{"key": s.key, "label": s.label, "group": s.group, **summarize_run(root / s.key)} for s in settings]
 
 
-__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "finished_settings", "run_comparison", "select_settings", "summarize_run"]
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise FedSSLError(f"--jobs {jobs}: give the number of runs to train at once, 1 or more")
+
+
+def threads_per_job(jobs: int) -> int:
+    """torch threads for each of ``jobs`` runs at once: the machine's cores shared out (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _ensure_in_worker(setting: Setting, root: Path, threads: int) -> float:
+    """One setting's run in a worker process (no progress bars); seconds it took. The run's own ``threads``
+    key, when set, wins over ``threads`` (:func:`fedssl.engines.loop.torch_threads`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    ensure_run(setting, root)
+    return time.perf_counter() - started
+
+
+def run_in_processes(settings: Sequence[Setting], root: Path, jobs: int, *,
+                     progress: Callable[[int, Setting], Any] | None = None,
+                     finished: Callable[[int, Setting, float], None] | None = None) -> None:
+    """Every setting's run, ``jobs`` at a time, each in a fresh (spawned) process, started in grid order.
+
+    The first failure cancels the settings not yet started and is raised once the running ones have stopped;
+    what finished stays finished and an interrupted run resumes from its checkpoint on the next call.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    queue = list(enumerate(settings))
+    running: dict[Future[float], tuple[int, Setting]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    index, setting = queue.pop(0)
+                    if progress is not None:
+                        progress(index, setting)
+                    running[pool.submit(_ensure_in_worker, setting, root, threads_per_job(jobs))] = (index, setting)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, setting = running.pop(future)
+                    seconds = future.result()  # a worker's error (a FedSSLError names its fix) ends the comparison
+                    if finished is not None:
+                        finished(index, setting, seconds)
+        except BaseException:
+            queue.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+__all__ = ["FINETUNE_FILE", "Setting", "check_jobs", "ensure_run", "finished_settings", "run_comparison", "run_in_processes",
+           "select_settings", "summarize_run", "threads_per_job"]
 
 
 # ---------------------------------------------------------------- the comparison presets (fedssl bench compare)

@@ -318,11 +318,12 @@ def _pending_note(finished: int, pending: Sequence[str]) -> str:
 
 def render_results_page(preset: ComparePreset, rows: Sequence[dict[str, Any]], *, when: str, machine: str,
                         command: str, plots: Sequence[str], reliability: str,
-                        reasons: dict[str, str] | None = None, pending: Sequence[str] = ()) -> str:
-    """The whole page; ``pending``: the settings of the preset not finished yet (a partial page says so first)."""
+                        reasons: dict[str, str] | None = None, pending: Sequence[str] = (), wall: str = "") -> str:
+    """The whole page; ``pending``: the settings of the preset not finished yet (a partial page says so first);
+    ``wall``: a sentence on how long the command took."""
     folded = fold_seeds(rows)
     intro = (f"# Results: every method on the same data, accuracy against client cost\n\n"
-             f"Preset `{preset.name}`: {preset.description}. Measured {when} on {machine} by `{command}`. "
+             f"Preset `{preset.name}`: {preset.description}. Measured {when} on {machine} by `{command}`. {wall}"
              + versions_note(folded) + "\n" + _pending_note(len(rows), pending) +
              "Every run is a full `fedssl run` of the in-process engine; its run directory holds the report. "
              "Accuracies are of the FINAL encoder, frozen: kNN (cosine, k 200, T 0.1) and a linear probe fitted on "

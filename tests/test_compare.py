@@ -68,6 +68,29 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_read_back(tmp_path: Pa
     assert finished_settings([_setting("c"), setting, _setting("d")], tmp_path) == [setting]
 
 
+def test_settings_run_two_at_a_time_give_the_rows_of_one_at_a_time(tmp_path: Path) -> None:
+    settings = [_setting("p", "threads=1"), _setting("q", "threads=1", "seed=1")]
+    started, ended = [], []
+    parallel = run_comparison(settings, tmp_path / "two", lambda i, s: started.append(s.key), jobs=2,
+                              finished=lambda i, s, seconds: ended.append((s.key, seconds)))
+    serial = run_comparison(settings, tmp_path / "one", jobs=1)
+    assert sorted(started) == ["p", "q"] and sorted(k for k, _ in ended) == ["p", "q"]
+    assert all(seconds > 0 for _, seconds in ended)
+    untimed = [{k: v for k, v in row.items() if k != "train_seconds"} for row in parallel]
+    assert untimed == [{k: v for k, v in row.items() if k != "train_seconds"} for row in serial]
+    assert [r["key"] for r in parallel] == ["p", "q"] and parallel[0]["knn"] != parallel[1]["knn"]
+
+
+def test_a_failing_setting_ends_a_parallel_comparison_with_its_message(tmp_path: Path) -> None:
+    bad = Setting("bad", "FedMoCo", {**TINY, "data_dir": str(tmp_path / "nowhere"), "dataset": "cifar10",
+                                     "download": False}, ("rounds=2", "local_steps=1"))
+    with pytest.raises(FedSSLError, match="cifar"):
+        run_comparison([bad, _setting("ok", "threads=1")], tmp_path, jobs=2)
+    assert not (tmp_path / "bad" / "final.json").exists()
+    with pytest.raises(FedSSLError, match="--jobs 0"):
+        run_comparison([_setting("ok")], tmp_path, jobs=0)
+
+
 def test_a_partial_page_names_what_is_still_to_run() -> None:
     headline = COMPARE_PRESETS["cpu"].headline
     rows = [_row(headline, "FedMoCo v2", "fedmoco", 0.3)]
