@@ -169,7 +169,8 @@ def _ensure_in_worker(setting: Setting, root: Path, threads: int) -> float:
 def run_in_processes(settings: Sequence[Setting], root: Path, jobs: int, *,
                      progress: Callable[[int, Setting], Any] | None = None,
                      finished: Callable[[int, Setting, float], None] | None = None) -> None:
-    """Every setting's run, ``jobs`` at a time, each in a fresh (spawned) process, started in grid order.
+    """Every setting's run, ``jobs`` at a time, each in a fresh (spawned) process, started in grid order; a worker
+    ends by itself when this process is killed (:func:`fedssl.parent_watch.exit_with_parent`).
 
     The first failure cancels the settings not yet started and is raised once the running ones have stopped;
     what finished stays finished and an interrupted run resumes from its checkpoint on the next call.
@@ -179,7 +180,10 @@ def run_in_processes(settings: Sequence[Setting], root: Path, jobs: int, *,
 
     queue = list(enumerate(settings))
     running: dict[Future[float], tuple[int, Setting]] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from fedssl.parent_watch import exit_with_parent
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         try:
             while queue or running:
                 while queue and len(running) < jobs:
@@ -344,8 +348,7 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
                      "rounds per block; MocoSFL: 8 sync periods of about an epoch each); Dirichlet 0.5 over 10 "
                      "clients with three seeds, 2 classes per client over 100 clients, IID over 100 clients for "
                      "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; and every federated method on two fleets of simulated "
-                     "devices (below); 4-5 hours of single-thread runs on 2 CPU cores (the 49 settings' rounds: 216 min; "
-                     "the 20 fleet runs: 41 min as two processes)"),
+                     "devices (below): 69 runs; how long the command took is said beside it"),
         data={"dataset": "cifar10", "download": False},
         families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
         methods=tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)"),

@@ -28,7 +28,6 @@ import argparse
 import functools
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -48,6 +47,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from fedssl.engines.flower import timing
 from fedssl.engines.flower.pulls import cap_pull_backoff
+from fedssl.parent_watch import exit_with_parent
 
 TASK_POLL_SECONDS = 0.02  # between two asks for a task (a local HTTP call; flower-superexec waits 1 s)
 log = logging.getLogger("fedssl.worker")
@@ -118,23 +118,6 @@ def serve(address: str, poll: float = TASK_POLL_SECONDS) -> None:
             handle_task(address, answer.token, time.time())
         else:
             time.sleep(poll)
-
-
-def exit_with_parent(parent_pid: int, every: float = 0.5) -> threading.Thread:
-    """End this process once ``parent_pid`` is no longer its parent (``fedssl deploy supernode`` is gone).
-
-    Flower's own monitor interrupts the main thread with SIGINT, which a retrying HTTP call to the dead
-    SuperNode can swallow (the worker then lives on, orphaned); this one ends the process outright.
-    """
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(every)
-        log.info("fedssl worker: the process that started it (pid %d) is gone; stopping", parent_pid)
-        os._exit(0)
-
-    thread = threading.Thread(target=watch, name="fedssl-parent-watch", daemon=True)
-    thread.start()
-    return thread
 
 
 def main(argv: list[str] | None = None) -> None:
