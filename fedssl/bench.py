@@ -125,11 +125,11 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
     ``page_only``: run nothing: the page of the settings already finished, naming those still to run;
     ``jobs``: settings trained at once, each in its own process (the reliability checks run beside them).
     """
-    from fedssl.compare import (COMPARE_PRESETS, build_grid, check_jobs, finished_settings, run_comparison,
-                                select_settings)
+    from fedssl.compare import COMPARE_PRESETS, build_grid, finished_settings, run_comparison, select_settings
     from fedssl.engines.local import resolve_device
     from fedssl.errors import FedSSLError
     from fedssl.io import atomic_write_text
+    from fedssl.run_pool import check_jobs
 
     if preset not in COMPARE_PRESETS:
         raise FedSSLError(f"unknown comparison preset {preset!r}; choose one of {', '.join(COMPARE_PRESETS)}")

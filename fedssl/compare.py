@@ -10,7 +10,6 @@ every figure of a comparison table is read off the run's own files (:func:`summa
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +131,8 @@ def run_comparison(settings: Sequence[Setting], root: Path,
     keys = [s.key for s in settings]
     if len(set(keys)) != len(keys):
         raise FedSSLError("two settings of the comparison share a folder name; give each a unique key")
+    from fedssl.run_pool import check_jobs, run_in_processes
+
     check_jobs(jobs)
     if jobs == 1:
         for index, setting in enumerate(settings):
@@ -141,70 +142,12 @@ def run_comparison(settings: Sequence[Setting], root: Path,
             if finished is not None:
                 finished(index, setting, time.perf_counter() - started)
     else:
-        run_in_processes(settings, root, jobs, progress=progress, finished=finished)
+        run_in_processes(ensure_run, settings, root, jobs, progress=progress, finished=finished)
     return [{"key": s.key, "label": s.label, "group": s.group, **summarize_run(root / s.key)} for s in settings]
 
 
-def check_jobs(jobs: int) -> None:
-    if jobs < 1:
-        raise FedSSLError(f"--jobs {jobs}: give the number of runs to train at once, 1 or more")
-
-
-def threads_per_job(jobs: int) -> int:
-    """torch threads for each of ``jobs`` runs at once: the machine's cores shared out (at least one each)."""
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
-def _ensure_in_worker(setting: Setting, root: Path, threads: int) -> float:
-    """One setting's run in a worker process (no progress bars); seconds it took. The run's own ``threads``
-    key, when set, wins over ``threads`` (:func:`fedssl.engines.loop.torch_threads`)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    ensure_run(setting, root)
-    return time.perf_counter() - started
-
-
-def run_in_processes(settings: Sequence[Setting], root: Path, jobs: int, *,
-                     progress: Callable[[int, Setting], Any] | None = None,
-                     finished: Callable[[int, Setting, float], None] | None = None) -> None:
-    """Every setting's run, ``jobs`` at a time, each in a fresh (spawned) process, started in grid order; a worker
-    ends by itself when this process is killed (:func:`fedssl.parent_watch.exit_with_parent`).
-
-    The first failure cancels the settings not yet started and is raised once the running ones have stopped;
-    what finished stays finished and an interrupted run resumes from its checkpoint on the next call.
-    """
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-
-    queue = list(enumerate(settings))
-    running: dict[Future[float], tuple[int, Setting]] = {}
-    from fedssl.parent_watch import exit_with_parent
-
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, context, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-        try:
-            while queue or running:
-                while queue and len(running) < jobs:
-                    index, setting = queue.pop(0)
-                    if progress is not None:
-                        progress(index, setting)
-                    running[pool.submit(_ensure_in_worker, setting, root, threads_per_job(jobs))] = (index, setting)
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index, setting = running.pop(future)
-                    seconds = future.result()  # a worker's error (a FedSSLError names its fix) ends the comparison
-                    if finished is not None:
-                        finished(index, setting, seconds)
-        except BaseException:
-            queue.clear()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-
-
-__all__ = ["FINETUNE_FILE", "Setting", "check_jobs", "ensure_run", "finished_settings", "run_comparison", "run_in_processes",
-           "select_settings", "summarize_run", "threads_per_job"]
+__all__ = ["FINETUNE_FILE", "Setting", "ensure_run", "finished_settings", "run_comparison", "select_settings",
+           "summarize_run"]
 
 
 # ---------------------------------------------------------------- the comparison presets (fedssl bench compare)

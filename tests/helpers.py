@@ -118,3 +118,8 @@ def assert_resume_is_exact(cfg: RunConfig, tmp_path: Path, *, before_first_check
     start_run(open_run_dir(killed)[1], full)
     assert run_files(killed) == run_files(full)
     return done
+
+
+def sleep_task(seconds: float, root: Path) -> None:
+    """A task of :func:`fedssl.run_pool.run_in_processes` that only waits (module level: a spawned worker imports it)."""
+    time.sleep(seconds)
