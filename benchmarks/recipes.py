@@ -24,7 +24,6 @@ import argparse
 import datetime
 import hashlib
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from fedssl.compare import Setting, ensure_run, summarize_run  # noqa: E402
 from fedssl.config import load_toml  # noqa: E402
 from fedssl.io import atomic_write_text  # noqa: E402
 from fedssl.report import markdown_table  # noqa: E402
+from fedssl.run_pool import run_in_processes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = load_toml(REPO / "configs" / "cifar10" / "fedmoco.toml")
@@ -113,10 +113,6 @@ def settings(groups: list[str], extra: list[str]) -> list[Setting]:
             for group in groups for name, overrides in GROUPS[group]]
 
 
-def _run(setting: Setting, root: Path) -> Path:
-    return ensure_run(setting, root)
-
-
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
@@ -154,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = settings(groups, extra)
     if not args.table_only:
         distinct = list({s.key: s for s in todo}.values())
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            list(pool.map(_run, distinct, [args.runs] * len(distinct)))
+        run_in_processes(ensure_run, distinct, args.runs, max(1, args.jobs))  # each run in its own process
     done = [s for s in todo if (args.runs / s.key / "final.json").is_file()]
     rows = [{"label": s.label, "group": s.group, **summarize_run(args.runs / s.key)} for s in done]
     missing = [f"{s.group}: {s.label}" for s in todo if s not in done]

@@ -312,7 +312,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
                        help="overhead: centralized vs federated images/s and memory; compare: every method on the "
                             "same data, written to docs/RESULTS.md (resumable)")
     bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
-    bench.add_argument("--preset", default="cpu", help="compare: cpu (over two hours on 2 CPU cores) or "
+    bench.add_argument("--preset", default="cpu", help="compare: cpu (69 runs; see README for its time on 2 cores) or "
                                                        "gpu-paper (the papers' scale, for a GPU)")
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
