@@ -111,6 +111,17 @@ def test_the_accountant_agrees_with_flowers_and_behaves() -> None:
     assert accountant.epsilon(0.0, 1e-5, 50, 10, 100) == math.inf and accountant.epsilon(1.2, 1e-5, 0, 10, 100) == 0
 
 
+def test_sampling_more_clients_never_reports_a_smaller_guarantee_than_all_of_them() -> None:
+    """The without-replacement bound alone gives 9 of 10 clients a LARGER epsilon than 10 of 10 (46.1 against 41.6
+    at z = 1 over 8 rounds); the plain Gaussian bound holds for any sample, so the reported epsilon is the smaller."""
+    every = accountant.epsilon(1.0, 1e-5, 8, 10, 10)
+    sampled_alone = accountant._composed_epsilon(accountant.round_event(1.0, 9, 10), 8, 1e-5, None)
+    assert sampled_alone > every  # what the accountant reported before
+    epsilons = [accountant.epsilon(1.0, 1e-5, 8, m, 10) for m in range(1, 11)]
+    assert epsilons == sorted(epsilons) and epsilons[8] == pytest.approx(every)  # more clients: never less private
+    assert epsilons[0] < every / 2  # where sampling helps (1 of 10: 16.0), it still counts
+
+
 @pytest.mark.parametrize(("setting", "fragment"), [
     (["privacy.noise_multiplier=-1"], "privacy.noise_multiplier"),
     (["privacy.clip_norm=0"], "privacy.clip_norm"),

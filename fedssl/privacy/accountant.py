@@ -7,7 +7,9 @@ only, which a fixed-size sampler does not do. Flower 1.41 wraps the same library
 (``flwr.serverapp.RdpAccountant``; tests/test_privacy.py checks that both give the same figure).
 
 The model: each round is ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))``, composed over the
-rounds run, under the replace-one adjacency (N, the number of clients, is public; neighbouring federations differ
+rounds run, under the replace-one adjacency; where m < N the plain ``GaussianDpEvent(z / 2)`` composed over the
+rounds bounds it too (sampling cannot leak more), and the smaller epsilon is reported: the sampled bound is the
+looser one when nearly all clients take part (9 of 10 clients, z = 1, 8 rounds: 46.1 sampled against 41.6) (N, the number of clients, is public; neighbouring federations differ
 in one client's data). The noise std is z * C on the sum of updates clipped to C; replacing one client's data
 moves that sum by up to 2C, so the noise-to-sensitivity ratio the accountant takes is z / 2. With
 ``noise_multiplier = 0`` (clipping only) epsilon is infinite. The clients' reported metrics (loss, sample count)
@@ -28,8 +30,8 @@ from dp_accounting.rdp import RdpAccountant
 from fedssl.config import RunConfig
 from fedssl.privacy.dp import clients_per_round
 
-ACCOUNTANT = ("dp-accounting RDP, clients sampled without replacement, replace-one adjacency "
-              "(noise-to-sensitivity ratio z/2)")
+ACCOUNTANT = ("dp-accounting RDP, clients sampled without replacement (or the plain Gaussian bound where "
+              "smaller), replace-one adjacency (noise-to-sensitivity ratio z/2)")
 
 
 def round_event(noise_multiplier: float, sample_size: int, population: int) -> dp_accounting.DpEvent:
@@ -48,8 +50,16 @@ def epsilon(noise_multiplier: float, delta: float, rounds: int, sample_size: int
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    events = [round_event(noise_multiplier, sample_size, population)]
+    if sample_size < population:  # a subsampled round is also at most the plain Gaussian: the tighter bound holds
+        events.append(dp_accounting.GaussianDpEvent(noise_multiplier / 2))
+    return min(_composed_epsilon(event, rounds, delta, orders) for event in events)
+
+
+def _composed_epsilon(event: dp_accounting.DpEvent, rounds: int, delta: float,
+                      orders: Sequence[float] | None) -> float:
     accountant = RdpAccountant(orders, dp_accounting.NeighboringRelation.REPLACE_ONE)
-    accountant.compose(round_event(noise_multiplier, sample_size, population), rounds)
+    accountant.compose(event, rounds)
     return float(accountant.get_epsilon(delta))
 
 
