@@ -157,7 +157,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
             console.print(f"[dim]done [{index + 1}/{len(settings)}] {setting.key} in {seconds:.0f} s "
                           f"({time.perf_counter() - started:.0f} s in all)[/dim]")
 
-    checks = _start_reliability(console, jobs) if reliability and not page_only else None
+    checks = _start_reliability(console, jobs) if reliability and not page_only and not spec.fleets_only else None
     rows = run_comparison(settings, runs, progress, jobs=jobs, finished=finished)
     atomic_write_text(runs / "rows.json", json.dumps(rows, indent=1))
     command = shlex.join(["fedssl", "bench", "compare", "--preset", preset,
@@ -169,7 +169,10 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
                                  f"trained {len(settings) - reused} of the {len(settings)} settings and read "
                                  f"{reused} back from an earlier call"
                                  + (", and ran the reliability checks" if checks is not None else "") + ". ")
-    out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending, wall=wall)
+    if spec.fleets_only:
+        out = _write_fleet_page(spec, rows, docs, command=command, wall=wall)
+    else:
+        out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending, wall=wall)
     console.print(f"written: {out} ({len(rows)} runs, {len(pending)} pending, {minutes:.1f} min)")
     return out
 
@@ -203,6 +206,22 @@ def _reliability_section(console: Console, runs: Path, outcome: Callable[[], lis
     checks = outcome()
     atomic_write_text(runs / "reliability.json", checks_to_json(checks))
     return reliability_section(checks, datetime.date.today().isoformat())
+
+
+def _write_fleet_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, wall: str) -> Path:
+    """docs/FLEETS.md: the fleet section of a fleets-only preset (its tables, winners and plots)."""
+    import datetime
+
+    from fedssl.fleet_page import fleet_section
+    from fedssl.io import atomic_write_text
+
+    text = (f"# Fleets: every federated method on simulated devices\n\nPreset `{spec.name}`: {spec.description}. "
+            f"Measured {datetime.date.today().isoformat()} on {machine_description()} by `{command}`. {wall}\n\n"
+            + fleet_section(spec.fleets, rows, docs))
+    out = docs / "FLEETS.md"
+    docs.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    return out
 
 
 def _write_results_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, reliability: str,

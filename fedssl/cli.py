@@ -312,11 +312,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
                        help="overhead: centralized vs federated images/s and memory; compare: every method on the "
                             "same data, written to docs/RESULTS.md (resumable)")
     bench.add_argument("--data-dir", default="", help="folder with cifar-10-batches-py (default: the cache)")
-    bench.add_argument("--preset", default="cpu", help="compare: cpu (69 runs; see README for its time on 2 cores) or "
+    bench.add_argument("--preset", default="cpu", help="compare: cpu (49 runs; see README for its time on 2 cores), "
+                                                       "cpu-fleets (20 runs on simulated devices) or "
                                                        "gpu-paper (the papers' scale, for a GPU)")
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
-    bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md and its plots go")
+    bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md (FLEETS.md for cpu-fleets) and its plots go")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run "
                        "(applied last: it wins over the preset's values)")
     bench.add_argument("--only", action="append", metavar="PATTERN", help="compare: run only the settings whose "

@@ -219,6 +219,11 @@ class ComparePreset:
     method_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> preset-specific keys
     fleets: tuple[FleetSpec, ...] = ()  # the page's fleet section (every federated method on each)
 
+    @property
+    def fleets_only(self) -> bool:
+        """A preset of fleet runs alone (no ceilings, no blocks): its page is docs/FLEETS.md."""
+        return not self.blocks and not self.ceiling_seeds
+
 
 IID = ("IID", ("partition=iid",))
 DIRICHLET = ("Dirichlet 0.5", ("partition=dirichlet", "alpha=0.5"))
@@ -282,24 +287,34 @@ _CPU_FLEETS = (
               ("devices.mix={rpi4=0.5,phone=0.5}", "devices.round_deadline_s=30"), _FLEET_BLOCK),
 )
 
+_CPU_DATA = {"dataset": "cifar10", "download": False}
+_CPU_METHODS = tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)")
+_CPU_NETS = ("the real CIFAR-10 subset (5,085 train / 1,017 test images), a ResNet-10 (width 16, GroupNorm of 8 "
+             "channels per group: the MocoSFL client's net) and a 4-block ViT (width 64, patch 4), 8 passes over the "
+             "data for every method (8 rounds of one local epoch; layer-wise methods: 2 rounds per block; MocoSFL: 8 "
+             "sync periods of about an epoch each)")
+
 COMPARE_PRESETS: dict[str, ComparePreset] = {
     "cpu": ComparePreset(
         name="cpu",
-        description=("the real CIFAR-10 subset (5,085 train / 1,017 test images), a ResNet-10 (width 16, GroupNorm "
-                     "of 8 channels per group: the MocoSFL client's net) and a 4-block ViT (width 64, patch 4), "
-                     "8 passes over the data for every method (8 rounds of one local epoch; layer-wise methods: 2 "
-                     "rounds per block; MocoSFL: 8 sync periods of about an epoch each); Dirichlet 0.5 over 10 "
-                     "clients with three seeds, 2 classes per client over 100 clients, IID over 100 clients for "
-                     "FedMoCo and MocoSFL, MocoSFL over 1,000 clients; and every federated method on two fleets of simulated "
-                     "devices (below): 69 runs; how long the command took is said beside it"),
-        data={"dataset": "cifar10", "download": False},
+        description=(f"{_CPU_NETS}; Dirichlet 0.5 over 10 clients with three seeds, 2 classes per client over 100 "
+                     "clients, IID over 100 clients for FedMoCo and MocoSFL, MocoSFL over 1,000 clients: 49 runs "
+                     "(the same methods on fleets of simulated devices: `--preset cpu-fleets`, docs/FLEETS.md)"),
+        data=_CPU_DATA,
         families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
-        methods=tuple(m for m in METHOD_SPECS if m.label != "LW-FedSSL full (calibration + alignment)"),
+        methods=_CPU_METHODS,
         blocks=(Block(*DIRICHLET, 10, (0, 1, 2)),
                 Block(*TWO_CLASSES, 100, (0,)),
                 Block(*IID, 100, (0,), ("FedMoCo v2", "MocoSFL-1 (cut 1)")),
                 Block(*TWO_CLASSES, 1000, (0,), ("MocoSFL-1 (cut 1)",))),
-        ceiling_seeds=(0, 1, 2), headline="Dirichlet 0.5, 10 clients", fleets=_CPU_FLEETS),
+        ceiling_seeds=(0, 1, 2), headline="Dirichlet 0.5, 10 clients"),
+    "cpu-fleets": ComparePreset(
+        name="cpu-fleets",
+        description=(f"{_CPU_NETS}; every federated method of the `cpu` preset once on each of two fleets of "
+                     "simulated devices (Dirichlet 0.5 over 100 clients, seed 0): 20 runs"),
+        data=_CPU_DATA,
+        families={"resnet": _CPU_RESNET, "vit": _CPU_VIT},
+        methods=_CPU_METHODS, blocks=(), ceiling_seeds=(), headline="", fleets=_CPU_FLEETS),
     "gpu-paper": ComparePreset(
         name="gpu-paper",
         description=("the papers' scale: full CIFAR-10 (downloaded), ResNet-18 (width 64, GroupNorm) and ViT-Tiny "

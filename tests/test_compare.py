@@ -18,12 +18,16 @@ from tests.helpers import TINY
 
 
 def test_grids_cover_every_method_partition_and_client_count() -> None:
-    cpu = build_grid(COMPARE_PRESETS["cpu"], ["data_dir=/data"])
+    main = build_grid(COMPARE_PRESETS["cpu"], ["data_dir=/data"])
+    on_fleets = build_grid(COMPARE_PRESETS["cpu-fleets"], ["data_dir=/data"])
+    cpu = main + on_fleets
     keys = [s.key for s in cpu]
-    # 2 ceilings x 3 seeds + 10 federated methods x 3 seeds (Dirichlet, 10) + 10 (2 classes, 100) + 2 (IID, 100) + 1
-    # + 10 federated methods on each of the two fleets
-    assert len(keys) == len(set(keys)) == 6 + 30 + 10 + 2 + 1 + 2 * 10
-    fleets = [s.config() for s in cpu if s.group.startswith("fleet: ")]
+    # 2 ceilings x 3 seeds + 10 federated methods x 3 seeds (Dirichlet, 10) + 10 (2 classes, 100) + 2 (IID, 100) + 1;
+    # cpu-fleets: the 10 federated methods on each of the two fleets
+    assert len(main) == 6 + 30 + 10 + 2 + 1 and len(on_fleets) == 2 * 10 and len(keys) == len(set(keys))
+    assert not COMPARE_PRESETS["cpu"].fleets_only and COMPARE_PRESETS["cpu-fleets"].fleets_only
+    assert all(s.group.startswith("fleet: ") for s in on_fleets) and not any(s.group.startswith("fleet") for s in main)
+    fleets = [s.config() for s in on_fleets]
     assert all(c.devices.mix and c.eval.every == 1 and c.eval.val_fraction > 0 and c.clients == 100 for c in fleets)
     assert {c.devices.round_deadline_s for c in fleets} == {0.0, 30.0}
     labels = {s.label for s in cpu}
@@ -185,7 +189,8 @@ def test_rows_are_json_serialisable(tmp_path: Path) -> None:
 def test_a_fleet_run_gives_time_to_random_init_plus_five_points_and_the_page_section(tmp_path: Path) -> None:
     """A fleet setting monitors kNN on a validation split each round with the simulated clock beside it; its row's
     curve is the metrics' (simulated seconds so far, monitor), and the page's fleet section shows the table and plot."""
-    from fedssl.compare import FLEET_EVAL, Block, FleetSpec
+    from fedssl.bench import _write_fleet_page
+    from fedssl.compare import FLEET_EVAL, Block, ComparePreset, FleetSpec
 
     assert time_to_gain([(10.0, 0.21), (20.0, 0.26), (30.0, 0.3)], 0.2) == 20.0
     assert time_to_gain([(10.0, 0.21)], 0.2) is None
@@ -203,3 +208,6 @@ def test_a_fleet_run_gives_time_to_random_init_plus_five_points_and_the_page_sec
     assert "### two boards" in text and "| FedMoCo |" in text and "monitor at random init + 5" in text
     assert (tmp_path / "docs" / "results" / "fleet-two-boards.png").is_file()
     assert "Not run yet" in fleet_section([spec], [], tmp_path / "docs")
+    preset = ComparePreset("tiny-fleets", "one fleet", {}, {}, (), (), (), "", fleets=(spec,))
+    page = _write_fleet_page(preset, [row], tmp_path / "docs", command="fedssl bench compare", wall="")
+    assert page.name == "FLEETS.md" and "### two boards" in page.read_text() and "| FedMoCo |" in page.read_text()
