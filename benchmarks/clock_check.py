@@ -36,8 +36,7 @@ from fedssl.report import markdown_table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 FLEET = ("devices.mix={rpi4=0.5,phone=0.5}",)
 SMALL = ("clients=4", "rounds=1", "model.width=8", "model.blocks_per_stage=[1,1]", "model.group_channels=0",
-         "eval.probe=false",
-         "eval.every=0", "download=false", "partition=iid")
+         "eval.probe=false", "eval.every=0", "download=false", "partition=iid")
 KINDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("round-based (FedMoCo)", "fedmoco.toml", ("local_steps=3", "batch_size=16")),
     ("layer-wise (LW-FedSSL, stage 1)", "lw-fedssl-resnet.toml", ("local_steps=3", "batch_size=16",

@@ -47,7 +47,7 @@ from fedssl.run_dir import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "cifar10"
-# key, label, preset, overrides (on top of COMMON)
+# key, label, preset, overrides (settings() adds the data dir, threads and no monitor to each)
 SETTINGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("mocosfl", "MocoSFL-1 (100 clients x 1 image / step)", "mocosfl.toml", ()),
     ("centralized-b100", "centralized MoCo v2 (pooled, batch 100)", "mocosfl_compare_centralized.toml", ()),
@@ -135,9 +135,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
             "which started at 14.65% kNN and did not learn at its budget: its centralized reference gained 6.7 "
             "points, so its \"within 3 points of centralized\" verdict of 2026-11-21 was withdrawn; the presets "
             "now hold this network). Presets: configs/cifar10/mocosfl.toml, mocosfl_compare_centralized.toml, "
-            "mocosfl_compare_fedmoco.toml, as they are (no evaluation during the rounds). Accuracies of the FINAL encoders (kNN k 200 T 0.1, linear probe on "
-            "frozen features; nothing selected on the test split). Client memory and FLOPs are measured on a real "
-            "client step; bytes are the real payloads (per step: one client's activations up / gradients down; per "
+            "mocosfl_compare_fedmoco.toml, as they are (no evaluation during the rounds). Accuracies of the FINAL "
+            "encoders (kNN k 200 T 0.1, linear probe on frozen features; nothing selected on the test split). "
+            "Client memory and FLOPs are measured on a real client step; bytes are the real payloads (per step: one client's activations up / gradients down; per "
             "sync: its client-net weights; total: mean over clients of up + down over the run). FedMoCo has no "
             "steps that cross the wire: its per-sync figures are the whole model.\n\n" + FLOOR_NOTE + "\n\n"
             "## Accuracy\n\n" + accuracy_table(rows) + "\n## Client cost\n\n" + cost_table(rows) + "\n"

@@ -317,7 +317,8 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
                                                        "gpu-paper (the papers' scale, for a GPU)")
     bench.add_argument("--runs", help="compare: folder of its run directories (default runs/compare-<preset>); "
                                       "run again to continue a killed comparison")
-    bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md (FLEETS.md for cpu-fleets) and its plots go")
+    bench.add_argument("--docs", default="docs", help="compare: where RESULTS.md (FLEETS.md for cpu-fleets) and "
+                                                      "its plots go")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="compare: override for every run "
                        "(applied last: it wins over the preset's values)")
     bench.add_argument("--only", action="append", metavar="PATTERN", help="compare: run only the settings whose "

@@ -23,6 +23,7 @@ from fedssl.fleet_page import fleet_summary_of
 from fedssl.report import client_cost
 from fedssl.resources import REFERENCE_STEP_COST, Ledger
 from fedssl.run_dir import RunDir, open_run_dir, read_jsonl
+from fedssl.run_pool import check_jobs, run_in_processes
 
 FINETUNE_FILE = "finetune.json"
 
@@ -131,8 +132,6 @@ def run_comparison(settings: Sequence[Setting], root: Path,
     keys = [s.key for s in settings]
     if len(set(keys)) != len(keys):
         raise FedSSLError("two settings of the comparison share a folder name; give each a unique key")
-    from fedssl.run_pool import check_jobs, run_in_processes
-
     check_jobs(jobs)
     if jobs == 1:
         for index, setting in enumerate(settings):
