@@ -170,7 +170,7 @@ def run_compare(console: Console, *, preset: str, data_dir: str, runs: Path, doc
                                  f"{reused} back from an earlier call"
                                  + (", and ran the reliability checks" if checks is not None else "") + ". ")
     if spec.fleets_only:
-        out = _write_fleet_page(spec, rows, docs, command=command, wall=wall)
+        out = _write_fleet_page(spec, rows, docs, command=command, wall=wall, pending=pending)
     else:
         out = _write_results_page(spec, rows, docs, command=command, reliability=section, pending=pending, wall=wall)
     console.print(f"written: {out} ({len(rows)} runs, {len(pending)} pending, {minutes:.1f} min)")
@@ -208,16 +208,19 @@ def _reliability_section(console: Console, runs: Path, outcome: Callable[[], lis
     return reliability_section(checks, datetime.date.today().isoformat())
 
 
-def _write_fleet_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, wall: str) -> Path:
-    """docs/FLEETS.md: the fleet section of a fleets-only preset (its tables, winners and plots)."""
+def _write_fleet_page(spec: Any, rows: list[dict[str, Any]], docs: Path, *, command: str, wall: str,
+                      pending: Sequence[str] = ()) -> Path:
+    """docs/FLEETS.md: the fleet section of a fleets-only preset (its tables, winners and plots); ``pending``:
+    the settings not finished yet (a partial page says so first)."""
     import datetime
 
     from fedssl.fleet_page import fleet_section
     from fedssl.io import atomic_write_text
+    from fedssl.results_page import pending_note
 
     text = (f"# Fleets: every federated method on simulated devices\n\nPreset `{spec.name}`: {spec.description}. "
             f"Measured {datetime.date.today().isoformat()} on {machine_description()} by `{command}`. {wall}\n\n"
-            + fleet_section(spec.fleets, rows, docs))
+            + pending_note(len(rows), pending) + fleet_section(spec.fleets, rows, docs))
     out = docs / "FLEETS.md"
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)

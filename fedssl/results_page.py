@@ -307,7 +307,8 @@ def claims_section(rows: Sequence[dict[str, Any]], headline: str) -> str:
             + markdown_table(["claim", "paper", "ours", "verdict", "why"], body))
 
 
-def _pending_note(finished: int, pending: Sequence[str]) -> str:
+def pending_note(finished: int, pending: Sequence[str]) -> str:
+    """A partial page's first words: how many settings finished and which are still to run."""
     if not pending:
         return ""
     shown = ", ".join(f"`{k}`" for k in pending[:12]) + (f" and {len(pending) - 12} more" if len(pending) > 12 else "")
@@ -324,7 +325,7 @@ def render_results_page(preset: ComparePreset, rows: Sequence[dict[str, Any]], *
     folded = fold_seeds(rows)
     intro = (f"# Results: every method on the same data, accuracy against client cost\n\n"
              f"Preset `{preset.name}`: {preset.description}. Measured {when} on {machine} by `{command}`. {wall}"
-             + versions_note(folded) + "\n" + _pending_note(len(rows), pending) +
+             + versions_note(folded) + "\n" + pending_note(len(rows), pending) +
              "Every run is a full `fedssl run` of the in-process engine; its run directory holds the report. "
              "Accuracies are of the FINAL encoder, frozen: kNN (cosine, k 200, T 0.1) and a linear probe fitted on "
              "the train split and scored once on the test split; nothing is selected on the test split. Each stands "
@@ -342,4 +343,4 @@ def render_results_page(preset: ComparePreset, rows: Sequence[dict[str, Any]], *
 
 
 __all__ = ["Claim", "claim_verdict", "claims_section", "fold_seeds", "goals_section", "pareto_front", "plot_tradeoff",
-           "measured_reason", "render_results_page", "results_table", "versions_note"]
+           "measured_reason", "pending_note", "render_results_page", "results_table", "versions_note"]

@@ -214,3 +214,6 @@ def test_a_fleet_run_gives_time_to_random_init_plus_five_points_and_the_page_sec
     preset = ComparePreset("tiny-fleets", "one fleet", {}, {}, (), (), (), "", fleets=(spec,))
     page = _write_fleet_page(preset, [row], tmp_path / "docs", command="fedssl bench compare", wall="")
     assert page.name == "FLEETS.md" and "### two boards" in page.read_text() and "| FedMoCo |" in page.read_text()
+    assert "Partial" not in page.read_text()
+    partial = _write_fleet_page(preset, [row], tmp_path / "docs", command="c", wall="", pending=["g-s0"]).read_text()
+    assert "Partial page: 1 of 2 settings have finished" in partial and "`g-s0`" in partial
