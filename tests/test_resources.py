@@ -147,6 +147,25 @@ def test_peak_sees_grads_freed_by_zero_grad() -> None:
     assert with_grads.peak_training_bytes == without_grads.peak_training_bytes
 
 
+def test_peak_ignores_memory_left_over_from_an_earlier_measured_step() -> None:
+    """A block allocated while an earlier step was measured, freed in this one, is not this step's memory: the
+    peak of a step must not depend on what the process measured before it."""
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = _sgd_step(model, optimizer, 64)
+    step()
+    fresh = measure_step(step, modules=[model], optimizer=optimizer, images=64)
+    leftover: list[torch.Tensor] = []
+    measure_step(lambda: leftover.append(torch.ones(100_000)), modules=[model], optimizer=None, images=1)
+
+    def step_freeing_the_leftover() -> None:
+        leftover.clear()  # 400 kB allocated under the earlier measurement, freed here
+        step()
+
+    after = measure_step(step_freeing_the_leftover, modules=[model], optimizer=optimizer, images=64)
+    assert after.peak_bytes == fresh.peak_bytes
+
+
 @pytest.mark.parametrize(
     ("make_optimizer", "state_per_param"),
     [

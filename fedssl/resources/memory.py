@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import DeviceType
+from torch._C._profiler import _EventType, _ProfilerEvent  # the profiler's event tree: allocations with addresses
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from fedssl.resources.flops import flop_counter
@@ -57,8 +57,10 @@ class StepCost:
     ``peak_bytes`` is the transient high-water mark: the largest value, during
     the step, of (bytes allocated since the step began − bytes freed since the
     step began). It holds activations, temporaries, the batch if the step
-    creates it, and grads / optimizer state the step creates; memory freed in
-    the step (e.g. grads dropped by ``zero_grad()``) lowers it.
+    creates it, and grads / optimizer state the step creates; the client's own
+    memory freed in the step (grads dropped by ``zero_grad()``, optimizer state
+    replaced) lowers it, and nothing else the process frees meanwhile does, so
+    the figure does not depend on what the process ran before the step.
     ``held_before_bytes`` is what the client already held when the step began:
     parameters and buffers of ``modules`` plus their existing grads and
     existing optimizer state. Their sum, :attr:`peak_training_bytes`, is the
@@ -168,22 +170,44 @@ def _rehome_state(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer
 _STEP_MARK = "fedssl::measured_step"
 
 
+def _profile_events(prof: profile) -> list[_ProfilerEvent]:
+    """Every event of the profile (all threads, ops and allocations), in time order; events of one instant
+    keep the tree's pre-order (an op before the allocations inside it, siblings in the order they ran)."""
+    events, stack = [], list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
+    while stack:
+        event = stack.pop()
+        events.append(event)
+        stack.extend(reversed(event.children))
+    return sorted(events, key=lambda e: e.start_time_ns)  # stable
+
+
 def _cpu_peak_from_profile(prof: profile) -> int:
-    """Peak of the running sum of CPU alloc (+) / free (−) events inside the marked step, in time order."""
-    events = list(prof.profiler.kineto_results.events())
-    marks = [e for e in events if e.name() == _STEP_MARK]
+    """Peak of the running sum of CPU allocations (+) and frees (−) inside the marked step, in time order.
+
+    A free counts only when its block was allocated under this profile: the allocator also reports frees of
+    blocks allocated while an *earlier* profile ran (it remembers their sizes), which would make a step's
+    peak depend on what the process measured before it. Blocks are matched by address.
+    """
+    events = _profile_events(prof)
+    marks = [e for e in events if e.name == _STEP_MARK]
     if len(marks) != 1:
         raise RuntimeError(f"expected one '{_STEP_MARK}' range in the profile, found {len(marks)}")
-    start, end = marks[0].start_ns(), marks[0].end_ns()
-    memory = [
-        e
-        for e in events
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU and start <= e.start_ns() <= end
-    ]
+    start, end = marks[0].start_time_ns, marks[0].end_time_ns
+    live: set[int] = set()  # addresses of blocks allocated under this profile and not yet freed
     running = peak = 0
-    for event in sorted(memory, key=lambda e: e.start_ns()):
-        running += event.nbytes()  # negative for a free
-        peak = max(peak, running)
+    for event in events:
+        if event.tag != _EventType.Allocation or event.extra_fields.device.type != "cpu":
+            continue
+        ptr, size = event.extra_fields.ptr, event.extra_fields.alloc_size
+        if size > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.remove(ptr)
+        else:
+            continue  # allocated before this profile began
+        if start <= event.start_time_ns <= end:
+            running += size
+            peak = max(peak, running)
     return peak
 
 
