@@ -3,6 +3,7 @@ by SIGKILL and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,5 +122,44 @@ def assert_resume_is_exact(cfg: RunConfig, tmp_path: Path, *, before_first_check
 
 
 def sleep_task(seconds: float, root: Path) -> None:
-    """A task of :func:`fedssl.run_pool.run_in_processes` that only waits (module level: a spawned worker imports it)."""
+    """A task of :func:`fedssl.run_pool.run_in_processes` that only waits (module level: a spawned worker
+    imports it)."""
     time.sleep(seconds)
+
+
+# ---------------------------------------------------------------- processes the tests start (Linux: read from /proc)
+
+def child_pids() -> dict[int, list[int]]:
+    """Parent pid -> its children's pids, every process on the machine (zombies included)."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: its children, theirs, and so on."""
+    tree, out, todo = child_pids(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" once it is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return ""

@@ -11,31 +11,11 @@ import pytest
 
 from fedssl.errors import FedSSLError
 from fedssl.run_pool import check_jobs, threads_per_job
+from tests.helpers import child_pids, cmdline, running
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = ("from pathlib import Path; from fedssl.run_pool import run_in_processes; from tests.helpers import sleep_task; "
         "run_in_processes(sleep_task, [600, 600], Path('.'), 2, progress=lambda i, s: print('started', flush=True))")
-
-
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
@@ -47,17 +27,16 @@ def test_the_workers_end_when_the_comparison_is_killed() -> None:
         deadline = time.monotonic() + 60
         workers: list[int] = []
         while len(workers) < 2 and time.monotonic() < deadline:  # two spawned workers (+ the resource tracker)
-            workers = [c for c in _children(proc.pid)
-                       if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+            workers = [c for c in child_pids().get(proc.pid, []) if running(c) and "resource_tracker" not in cmdline(c)]
             time.sleep(0.2)
         assert len(workers) == 2, "the pool did not start two workers"
         time.sleep(3)  # the workers are past their start-up: the task is sleeping in them
         proc.kill()  # SIGKILL: no chance for the pool to shut its workers down
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(running(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(w) for w in workers), "a worker outlived the killed comparison"
+        assert not any(running(w) for w in workers), "a worker outlived the killed comparison"
     finally:
         proc.kill()
 

@@ -29,7 +29,7 @@ import pytest
 from fedssl.engines.flower.deploy import flower_env
 from fedssl.engines.local import start_run
 from fedssl.run_dir import read_jsonl
-from tests.helpers import tiny_config
+from tests.helpers import cmdline, descendants, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp", "flwr-serverapp")
@@ -44,25 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class Processes:
@@ -98,14 +79,8 @@ class Processes:
             self.stop(name)
         time.sleep(0.5)
         left = [pid for proc in self.started.values() for pid in [proc.pid, *descendants(proc.pid)]
-                if Path(f"/proc/{pid}").exists() and "<defunct>" not in _cmdline(pid)]
-        assert not left, f"processes left running: {[_cmdline(p) for p in left]}"
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return ""
+                if Path(f"/proc/{pid}").exists() and "<defunct>" not in cmdline(pid)]
+        assert not left, f"processes left running: {[cmdline(p) for p in left]}"
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ import pytest
 
 from fedssl.engines.local import start_run
 from fedssl.run_dir import read_jsonl
-from tests.engines.test_flower_deploy import (REPO, TINY_SET, Processes, _cmdline, descendants,  # noqa: F401
-                                              flwr_run, processes, start_deployment, start_superlink, wait_for,
+from tests.engines.test_flower_deploy import (REPO, TINY_SET, Processes, flwr_run,  # noqa: F401
+                                              processes, start_deployment, start_superlink, wait_for,
                                               write_partitions)
-from tests.helpers import comparable, tiny_config
+from tests.helpers import cmdline, comparable, descendants, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ STAGED = "method=lw-fedssl; clients=2; rounds=4; layerwise.rounds_per_stage=2; f
 
 def worker_pids(procs: Processes, node: str) -> list[int]:
     """The node's long-lived worker process(es), among the SuperNode's descendants."""
-    return [pid for pid in descendants(procs.started[node].pid) if "fedssl.engines.flower.worker" in _cmdline(pid)]
+    return [pid for pid in descendants(procs.started[node].pid) if "fedssl.engines.flower.worker" in cmdline(pid)]
 
 
 def resume(procs: Processes, federation: str, out: Path) -> None:

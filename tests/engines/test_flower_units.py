@@ -29,7 +29,7 @@ from fedssl.methods.layerwise import LWFedSSL
 from fedssl.methods.mocosfl import MocoSFL
 from fedssl.methods.split import StepTask
 from fedssl.resources import Ledger, payload_bytes
-from tests.helpers import tiny_config
+from tests.helpers import running, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -115,18 +115,10 @@ def test_the_worker_ends_when_the_process_that_started_it_is_gone(tmp_path: Path
                    check=True, timeout=60)
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _running(pid):
+    while time.monotonic() < deadline and running(pid):
         time.sleep(0.2)
-    assert not _running(pid), (tmp_path / "worker.log").read_text()[-2000:]
+    assert not running(pid), (tmp_path / "worker.log").read_text()[-2000:]
     assert "is gone; stopping" in (tmp_path / "worker.log").read_text()
-
-
-def _running(pid: int) -> bool:
-    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never here)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_object_pulls_retry_at_once_not_after_flowers_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
