@@ -1,8 +1,8 @@
 """Runs of a comparison trained several at once, each in its own process (``fedssl bench compare --jobs N``).
 
-Each worker is a fresh spawned Python process with the machine's cores shared out, running the
-comparison's task (:func:`fedssl.compare.ensure_run`): the same resumable run directory as one at a
-time, so what the comparison reads back does not depend on how many ran together.
+Each worker is a spawned Python process (it trains one setting after another) with the machine's cores
+shared out, running the comparison's task (:func:`fedssl.compare.ensure_run`): the same resumable run
+directory as one at a time, so what the comparison reads back does not depend on how many ran together.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from fedssl.parent_watch import exit_with_parent
 
 Task = Callable[[Any, Path], Any]  # (setting, root) -> anything: a module-level function (it is pickled)
 
+
 def check_jobs(jobs: int) -> None:
+    """``--jobs`` must be 1 or more (one clear message otherwise)."""
     if jobs < 1:
         raise FedSSLError(f"--jobs {jobs}: give the number of runs to train at once, 1 or more")
 
@@ -43,8 +45,8 @@ def _task_in_worker(task: Task, setting: Any, root: Path, threads: int) -> float
 def run_in_processes(task: Task, settings: Sequence[Any], root: Path, jobs: int, *,
                      progress: Callable[[int, Any], Any] | None = None,
                      finished: Callable[[int, Any, float], None] | None = None) -> None:
-    """``task(setting, root)`` for every setting, ``jobs`` at a time, each in a fresh (spawned) process, started in
-    the settings' order; a worker ends by itself when this process is killed (:func:`fedssl.parent_watch`).
+    """``task(setting, root)`` for every setting, ``jobs`` at a time in ``jobs`` spawned worker processes, started
+    in the settings' order; a worker ends by itself when this process is killed (:func:`fedssl.parent_watch`).
 
     The first failure cancels the settings not yet started and is raised once the running ones have stopped;
     what finished stays finished and an interrupted run resumes from its checkpoint on the next call.

@@ -10,10 +10,11 @@ The model: each round is ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEven
 rounds run, under the replace-one adjacency; where m < N the plain ``GaussianDpEvent(z / 2)`` composed over the
 rounds bounds it too (sampling cannot leak more), and the smaller epsilon is reported: the sampled bound is the
 looser one when nearly all clients take part (9 of 10 clients, z = 1, 8 rounds: 46.1 sampled against 41.6).
-N, the number of clients, is public; neighbouring federations differ in one client's data. The noise std is z * C on the sum of updates clipped to C; replacing one client's data
-moves that sum by up to 2C, so the noise-to-sensitivity ratio the accountant takes is z / 2. With
-``noise_multiplier = 0`` (clipping only) epsilon is infinite. The clients' reported metrics (loss, sample count)
-are not covered: the guarantee is for the released models.
+N, the number of clients, is public; neighbouring federations differ in one client's data. The noise std is
+z * C on the sum of updates clipped to C; replacing one client's data moves that sum by up to 2C, so the
+noise-to-sensitivity ratio the accountant takes is z / 2. With ``noise_multiplier = 0`` (clipping only) epsilon
+is infinite. The clients' reported metrics (loss, sample count) are not covered: the guarantee is for the
+released models.
 
 Importing ``dp_accounting`` takes about 2 s, so this module is imported only where a DP run needs it.
 """
